@@ -1,0 +1,57 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+The serving layer maps its typed config (env prefix INFER_ENGINE_*) onto these fields 1:1.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = str(REPO_ROOT / "models" / "tiny-target")
+TINY_DRAFT = str(REPO_ROOT / "models" / "tiny-draft")
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    model: str = TINY_MODEL
+    tokenizer: str | None = None          # defaults to `model`
+    load_format: str = "auto"             # "auto" (safetensors) | "dummy" (random weights from config.json)
+    dtype: str = "auto"                   # "auto" = float32 on CPU, bfloat16 on GPU
+    device: str = "auto"                  # "auto" | "cpu" | "cuda"
+    seed: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None      # None = from kv_cache_memory_gb (CPU) / gpu_memory_utilization
+    kv_cache_memory_gb: float = 0.25      # CPU KV budget when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None      # None = the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"       # "auto" | "torch" | "flex" | "triton"
+    enforce_eager: bool = False           # GPU: no CUDA graphs
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        need(self.load_format in ("auto", "dummy"), "load_format", '"auto" or "dummy"')
+        need(self.load_format == "dummy" or os.path.isdir(self.model), "model",
+             "a local model directory (config.json, *.safetensors, tokenizer.json)")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+             '"auto", "float32", "bfloat16" or "float16"')
+        need(self.device in ("auto", "cpu", "cuda"), "device", '"auto", "cpu" or "cuda"')
+        need(self.block_size in (8, 16, 32, 64, 128), "block_size", "one of 8, 16, 32, 64, 128")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "None or >= 2")
+        need(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
+        need(self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens", ">= block_size")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]")
+        need(self.attention_backend in ("auto", "torch", "flex", "triton"), "attention_backend",
+             '"auto", "torch", "flex" or "triton"')
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
