@@ -1,0 +1,60 @@
+"""Incremental, UTF-8-safe detokenization and stop-string matching for one sequence.
+
+A token can end inside a multi-byte character (byte-level BPE); its text is held back until a
+later token completes it. Text that could be the start of a stop string is also held back from
+streaming, so a client never sees a stop string (or part of one) that is later cut.
+"""
+from __future__ import annotations
+
+_CONTEXT = 6   # prompt tokens decoded with the output so that leading spaces come out right
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool,
+                 stop: list[str], include_stop_str_in_output: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens = list(prompt_token_ids[-_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+        self.text = ""                # all output text so far (after a stop: cut at the stop)
+        self.num_emitted = 0          # chars of `text` already handed out
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_token(self, token_id: int) -> str | None:
+        """Append a token. Returns the stop string if one now appears in the text, else None."""
+        self.tokens.append(token_id)
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None          # incomplete character: wait for the next token
+        new = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        search_from = max(len(self.text) - self.holdback, 0)
+        self.text += new
+        for s in self.stop:
+            at = self.text.find(s, search_from)
+            if at >= 0:
+                self.text = self.text[:at + len(s)] if self.include_stop else self.text[:at]
+                return s
+        return None
+
+    def flush(self) -> None:
+        """At the end of a sequence: whatever bytes were held back come out as they decode."""
+        full = self._decode(self.tokens[self.prefix_offset:])
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        if len(full) > len(prefix):
+            self.text += full[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.tokens)
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet handed out; while running, the tail that may start a stop string stays back."""
+        end = len(self.text) if finished or not self.stop else max(len(self.text) - self.holdback, self.num_emitted)
+        delta = self.text[self.num_emitted:end]
+        self.num_emitted = end
+        return delta

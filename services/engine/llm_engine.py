@@ -1,0 +1,221 @@
+"""The engine: add requests, `step()` (schedule -> execute -> postprocess), stream outputs.
+
+Synchronous and single-threaded; `AsyncEngine` runs it on a background thread for servers and
+`LLM` drives it to completion for offline use.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.loader import load_config
+from services.engine.model_runner import ModelRunner
+from services.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from services.engine.request import Request, RequestStatus
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+
+
+@dataclass(slots=True, eq=False)
+class RequestGroup:
+    """The n sequences of one user request. Children after the first are admitted once the first
+    has computed the prompt, so they reuse its KV blocks through the prefix cache."""
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    pending: list[Request] = field(default_factory=list)
+    last_logprob_count: list[int] = field(default_factory=list)
+    last_token_count: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.hf_config = load_config(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path, local_files_only=True)
+        self.max_model_len = min(config.max_model_len or self.hf_config.max_position_embeddings,
+                                 self.hf_config.max_position_embeddings)
+        self.runner = ModelRunner(config, self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+        self.kv = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.sampler = Sampler(self.vocab_size, config.seed)
+        self.eos_token_ids = self._eos_ids()
+        self.groups: dict[str, RequestGroup] = {}
+        self.child_to_group: dict[Request, RequestGroup] = {}
+        self._seq = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = getattr(self.hf_config, "eos_token_id", None)
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return frozenset(ids if isinstance(ids, list) else [] if ids is None else [ids])
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        params.check_against(self.vocab_size, self.max_model_len, len(prompt_token_ids))
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:3]}")
+        blocks_needed = -(-(len(prompt_token_ids) + 1) // self.config.block_size)
+        if blocks_needed > self.kv.num_blocks:
+            raise ValueError(f"prompt needs {blocks_needed} KV blocks but the cache has {self.kv.num_blocks}")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        self.validate(ids, params)
+        arrival = arrival_time or time.time()
+        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, params,
+                            self.eos_token_ids, self.max_model_len, self.config.block_size,
+                            RequestMetrics(arrival), priority, cache_salt, index=i, arrival_seq=next(self._seq))
+                    for i in range(params.n)]
+        for c in children:
+            if params.grammar is not None:
+                c.matcher = params.grammar.new_matcher()
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                         params.include_stop_str_in_output) for _ in children]
+        group = RequestGroup(request_id, text, children, detoks, pending=children[1:],
+                             last_logprob_count=[0] * len(children), last_token_count=[0] * len(children))
+        self.groups[request_id] = group
+        for c in children:
+            self.child_to_group[c] = group
+        self.scheduler.add(children[0])
+        if not self.config.enable_prefix_caching:
+            self._release_pending(group)
+        self.prompt_tokens_total += len(ids)
+
+    def _release_pending(self, group: RequestGroup) -> None:
+        for c in group.pending:
+            self.scheduler.add(c)
+        group.pending = []
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for c in group.children:
+            if not c.is_finished:
+                if c in group.pending:
+                    c.status = RequestStatus.FINISHED_ABORTED
+                else:
+                    self.scheduler.finish(c, RequestStatus.FINISHED_ABORTED)
+            self.child_to_group.pop(c, None)
+        group.pending = []
+        return self._make_output(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits, rows = self.runner.execute(sched.scheduled)
+        self.scheduler.update(sched.scheduled)
+        sampling = [(s.request, r[0]) for s, r in zip(sched.scheduled, rows) if r]
+        touched: dict[str, RequestGroup] = {}
+        if sampling:
+            reqs = [r for r, _ in sampling]
+            out = self.sampler(logits[[row for _, row in sampling]], reqs)
+            now = time.time()
+            for i, req in enumerate(reqs):
+                group = self.child_to_group[req]
+                self._append(req, group, out.token_ids[i], out.chosen_logprobs[i], out.logprobs[i], now)
+                touched[group.request_id] = group
+        for s in sched.scheduled:   # children wait for the first one's prompt, then hit its blocks
+            group = self.child_to_group.get(s.request)
+            if group and group.pending and s.request.num_computed_tokens >= s.request.num_prompt_tokens:
+                self._release_pending(group)
+        outputs = [self._make_output(g) for g in touched.values()]
+        for o in outputs:
+            if o.finished:
+                group = self.groups.pop(o.request_id)
+                for c in group.children:
+                    self.child_to_group.pop(c, None)
+        return outputs
+
+    def _append(self, req: Request, group: RequestGroup, token: int, chosen_lp: float,
+                logprobs: dict[int, Logprob] | None, now: float) -> None:
+        sp = req.sampling_params
+        req.append_token(token)
+        self.generation_tokens_total += 1
+        req.cumulative_logprob += chosen_lp
+        if logprobs is not None:
+            req.logprobs.append({t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t]))
+                                 for t, lp in logprobs.items()})
+        if req.matcher is not None:
+            req.matcher.accept_token(token)
+        req.metrics.first_token_time = req.metrics.first_token_time or now
+        req.metrics.last_token_time = now
+        detok = group.detoks[req.index]
+        stop_str = detok.add_token(token)
+        status = None
+        if stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif token in self.eos_token_ids and not sp.ignore_eos:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in sp.stop_token_ids and req.num_output_tokens >= sp.min_tokens:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif req.matcher is not None and req.matcher.is_terminated():
+            status = RequestStatus.FINISHED_STOPPED
+        elif req.num_output_tokens >= req.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if stop_str is None:
+                detok.flush()
+            req.metrics.finished_time = now
+            self.scheduler.finish(req, status)
+
+    def _make_output(self, group: RequestGroup) -> RequestOutput:
+        outs = []
+        for c, detok in zip(group.children, group.detoks):
+            finished = c.is_finished
+            n_tok, n_lp = group.last_token_count[c.index], group.last_logprob_count[c.index]
+            out_ids = c.output_token_ids
+            group.last_token_count[c.index] = len(out_ids)
+            delta_lp = None
+            if c.logprobs is not None:
+                delta_lp = c.logprobs[n_lp:]
+                group.last_logprob_count[c.index] = len(c.logprobs)
+            delta_text = detok.take_delta(finished)
+            outs.append(CompletionOutput(
+                index=c.index, text=detok.text if finished else detok.text[:detok.num_emitted],
+                token_ids=out_ids, cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.status.value if finished else None, stop_reason=c.stop_reason,
+                delta_text=delta_text, delta_token_ids=out_ids[n_tok:], delta_logprobs=delta_lp))
+        first = group.children[0]
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs,
+                             finished=all(c.is_finished for c in group.children) and not group.pending,
+                             metrics=first.metrics)
+
+    # ---- stats -------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting

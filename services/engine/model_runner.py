@@ -1,0 +1,128 @@
+"""Holds the model, the paged KV cache tensors and the step's input tensors; runs the forward pass.
+
+The scheduler's `SchedulerOutput` is the whole contract: for each scheduled request, its tokens
+[num_computed, num_computed + num_new) are fed, their KV written to the request's blocks, and the
+logits of the positions that sample are returned, [num_sampling_rows, V].
+"""
+from __future__ import annotations
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.layers.attention import AttentionMetadata, get_backend
+from services.engine.loader import build_model
+from services.engine.scheduler import ScheduledRequest
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config):
+        self.config = config
+        self.hf_config = hf_config
+        self.device = resolve_device(config.device)
+        if config.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = _DTYPES[config.dtype]
+        torch.manual_seed(config.seed)
+        self.model = build_model(hf_config, config.load_format, config.model, self.dtype, self.device, config.seed)
+        self.backend = get_backend(config.attention_backend, self.device)
+        self.block_size = config.block_size
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.config.gpu_memory_utilization) * total - 2 * 2**30  # activations headroom
+        else:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        return max(int(budget // self.kv_bytes_per_block), 2)
+
+    # ---- step -----------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledRequest]):
+        """Flat inputs for the step and, per request, which flat rows to compute logits for."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logit_rows: list[list[int]] = []
+        bs = self.block_size
+        for s in scheduled:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            tokens = r.token_ids + r.spec_token_ids if r.spec_token_ids else r.token_ids
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(end - start)
+            seq_lens.append(end)
+            # Rows that sample: the last committed token's position and every draft position after it.
+            first = len(input_ids) - (end - start)
+            if end >= r.num_tokens:
+                logit_rows.append(list(range(first + r.num_tokens - 1 - start, first + end - start)))
+            else:
+                logit_rows.append([])
+        max_blocks = max(len(s.block_ids) for s in scheduled)
+        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in scheduled]
+        dev = self.device
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, logit_rows
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Returns logits [sum of rows, V] (float32) and, per request, its row indices into them."""
+        ids, pos, meta, logit_rows = self.prepare(scheduled)
+        hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
+        flat = [row for rows in logit_rows for row in rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(flat, dtype=torch.long, device=self.device)]) \
+            if flat else hidden.new_zeros(0, self.hf_config.vocab_size, dtype=torch.float32)
+        out_rows, k = [], 0
+        for rows in logit_rows:
+            out_rows.append(list(range(k, k + len(rows))))
+            k += len(rows)
+        return logits, out_rows
+
+    # ---- block import / export (the KV tier's seam) ------------------------------------------
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """KV of whole blocks as one CPU tensor [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        per_layer = [torch.stack([k[idx], v[idx]], dim=1) for k, v in self.kv_caches]   # [N, 2, bs, h, d]
+        return torch.stack(per_layer, dim=1).cpu()
+
+    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        data = data.to(self.device, self.dtype)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k[idx] = data[:, layer, 0]
+            v[idx] = data[:, layer, 1]
