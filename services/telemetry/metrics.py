@@ -1,0 +1,112 @@
+"""Every Prometheus metric of the stack, defined here and nowhere else (names all start `inference_`).
+
+Two registries, one per process role, so that concatenating their text never repeats a family:
+  GATEWAY_REGISTRY  what the gateway sees per request (latencies as the client sees them, outcomes
+                    by code, tokens per tenant).
+  REPLICA_REGISTRY  what an LLM replica sees (queue time) plus its engine's live state, read from
+                    `engine.stats()` at scrape time by `EngineStatsCollector`.
+The gateway's /metrics serves its own registry followed by a replica's (fetched over the handle).
+The table of names and labels is in services/telemetry/README.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+GATEWAY_REGISTRY = CollectorRegistry(auto_describe=True)
+REPLICA_REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Latency buckets from 1 ms to 2 min: TTFT on a busy CPU replica reaches seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter(
+    "inference_requests", "Requests finished by the gateway, by protocol, method and outcome code "
+    "(HTTP status for REST, gRPC status name for gRPC).",
+    ["protocol", "method", "code"], registry=GATEWAY_REGISTRY)
+TTFT = Histogram(
+    "inference_time_to_first_token_seconds", "Gateway-measured time from request arrival to the first "
+    "generated token.", ["model"], buckets=_LATENCY_BUCKETS, registry=GATEWAY_REGISTRY)
+ITL = Histogram(
+    "inference_inter_token_latency_seconds", "Gateway-measured time between consecutive streamed "
+    "token deliveries, divided by the tokens delivered.", ["model"], buckets=_ITL_BUCKETS,
+    registry=GATEWAY_REGISTRY)
+E2E = Histogram(
+    "inference_e2e_latency_seconds", "Gateway-measured time from request arrival to the last token.",
+    ["model"], buckets=_LATENCY_BUCKETS, registry=GATEWAY_REGISTRY)
+TENANT_TOKENS = Counter(
+    "inference_tenant_tokens", "Tokens per tenant (kind=prompt|generation), for quotas and billing.",
+    ["tenant", "kind"], registry=GATEWAY_REGISTRY)
+RATE_LIMITED = Counter(
+    "inference_rate_limited", "Requests refused by a tenant's token bucket.", ["tenant"],
+    registry=GATEWAY_REGISTRY)
+
+QUEUE_TIME = Histogram(
+    "inference_queue_time_seconds", "Engine time from arrival to first scheduling.", ["model"],
+    buckets=_LATENCY_BUCKETS, registry=REPLICA_REGISTRY)
+REPLICA_REJECTED = Counter(
+    "inference_replica_rejected", "Requests a replica refused (reason=queue_full|draining|invalid).",
+    ["model", "reason"], registry=REPLICA_REGISTRY)
+
+
+class EngineStatsCollector:
+    """Reads an engine's `stats()` at scrape time, so gauges and totals are never stale or doubled."""
+
+    def __init__(self, stats_fn: Callable[[], Any], model: str, replica: str) -> None:
+        self._stats_fn = stats_fn
+        self._labels = [model, replica]
+
+    def describe(self) -> list:
+        return []   # unchecked collector: families are produced at collect() time
+
+    def collect(self):
+        s = self._stats_fn()
+        names = ["model", "replica"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(self._labels, float(value))
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(self._labels, float(value))
+            return c
+
+        yield gauge("inference_queue_length", "Requests waiting in the engine's queue.", s.num_waiting)
+        yield gauge("inference_running_requests", "Requests in the engine's running batch.", s.num_running)
+        yield gauge("inference_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1).",
+                    s.kv_cache_usage)
+        yield gauge("inference_kv_cache_free_blocks", "Free KV-cache blocks.", s.num_free_blocks)
+        yield counter("inference_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queries)
+        yield counter("inference_prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                      s.prefix_cache_hits)
+        yield counter("inference_preemptions", "Requests preempted for lack of KV blocks.",
+                      s.num_preemptions)
+        yield counter("inference_prompt_tokens", "Prompt tokens processed by the engine.",
+                      s.prompt_tokens_total)
+        yield counter("inference_generation_tokens", "Tokens generated by the engine.",
+                      s.generation_tokens_total)
+
+
+def register_engine(stats_fn: Callable[[], Any], model: str, replica: str) -> EngineStatsCollector:
+    collector = EngineStatsCollector(stats_fn, model, replica)
+    REPLICA_REGISTRY.register(collector)
+    return collector
+
+
+def unregister_engine(collector: EngineStatsCollector) -> None:
+    REPLICA_REGISTRY.unregister(collector)
+
+
+def gateway_text() -> bytes:
+    return generate_latest(GATEWAY_REGISTRY)
+
+
+def replica_text() -> bytes:
+    return generate_latest(REPLICA_REGISTRY)
