@@ -44,7 +44,7 @@ class EngineConfig:
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
              '"auto", "float32", "bfloat16" or "float16"')
         need(self.device in ("auto", "cpu", "cuda"), "device", '"auto", "cpu" or "cuda"')
-        need(self.block_size in (8, 16, 32, 64, 128), "block_size", "one of 8, 16, 32, 64, 128")
+        need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", "a power of two in [1, 256]")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "None or >= 2")
         need(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         need(self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens", ">= block_size")
