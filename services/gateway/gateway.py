@@ -10,6 +10,7 @@ caller's W3C context) whose context travels to the replica inside the ReplicaReq
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -140,8 +141,9 @@ class Gateway(HealthMixin):
         return out if out is not None else pb.GenerateResponse()
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        async for out in self._grpc(request, grpc_context, "GenerateStream", chat=False, stream=True):
-            yield out
+        async with aclosing(self._grpc(request, grpc_context, "GenerateStream", chat=False, stream=True)) as outs:
+            async for out in outs:
+                yield out
 
     async def Chat(self, request: Any, grpc_context: Any = None) -> Any:
         out = None
@@ -150,8 +152,9 @@ class Gateway(HealthMixin):
         return out if out is not None else pb.ChatResponse()
 
     async def ChatStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        async for out in self._grpc(request, grpc_context, "ChatStream", chat=True, stream=True):
-            yield out
+        async with aclosing(self._grpc(request, grpc_context, "ChatStream", chat=True, stream=True)) as outs:
+            async for out in outs:
+                yield out
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
         try:
@@ -180,16 +183,19 @@ class Gateway(HealthMixin):
             acc = Accumulator(parsed.n)
             first = True
             echo = (prep.prompt_text or "") if parsed.echo else ""
-            async for chunk in self.service.stream(prep, carrier, deadline):
-                acc.add(chunk)
-                if stream:
-                    deltas = [d for d in chunk.choices if d.text or d.token_ids or d.finish_reason]
-                    final = acc if chunk.finished else None
-                    if deltas or final is not None:
-                        yield (grpc_api.chat_delta(prep.request_id, parsed.model, prep.created, deltas, first, final)
-                               if chat else grpc_api.completion_delta(prep.request_id, parsed.model, prep.created,
-                                                                      deltas, final))
-                        first = False
+            # aclosing: closing this generator (client cancel) must close the replica stream now,
+            # not whenever the garbage collector finalises it.
+            async with aclosing(self.service.stream(prep, carrier, deadline)) as chunks:
+                async for chunk in chunks:
+                    acc.add(chunk)
+                    if stream:
+                        deltas = [d for d in chunk.choices if d.text or d.token_ids or d.finish_reason]
+                        final = acc if chunk.finished else None
+                        if deltas or final is not None:
+                            yield (grpc_api.chat_delta(prep.request_id, parsed.model, prep.created, deltas, first, final)
+                                   if chat else grpc_api.completion_delta(prep.request_id, parsed.model, prep.created,
+                                                                          deltas, final))
+                            first = False
             if not stream:
                 yield (grpc_api.chat_reply(prep.request_id, parsed.model, prep.created, acc) if chat
                        else grpc_api.completion_reply(prep.request_id, parsed.model, prep.created, acc, echo))

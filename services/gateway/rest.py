@@ -144,6 +144,8 @@ async def sse_events(service: GatewayService, prep: Prepared, carrier: dict,
     except APIError as e:
         yield _sse(e.body())
         return
+    finally:
+        await rest.aclose()   # a client that went away aborts the replica's request now
     if p.include_usage:
         yield _sse({**head, "choices": [], "usage": acc.usage.to_openai(), "timing": acc.timing_dict()})
     yield b"data: [DONE]\n\n"

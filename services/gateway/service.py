@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,8 +57,9 @@ class LocalLLMClient:
         self.server = server
 
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
-        async for chunk in self.server.generate(req):
-            yield chunk
+        async with aclosing(self.server.generate(req)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def call(self, method: str) -> Any:
         return getattr(self.server, method)()
@@ -144,20 +146,21 @@ class GatewayService:
         t0 = time.perf_counter()
         last_t: float | None = None
         num_generated = 0
-        async for chunk in self.llm.generate(req):
-            if chunk.error is not None:
-                raise APIError.from_wire(chunk.error)
-            new = sum(len(c.token_ids) for c in chunk.choices)
-            now = time.perf_counter()
-            if new:
-                if last_t is None:
-                    metrics.TTFT.labels(model).observe(now - t0)
-                else:
-                    metrics.ITL.labels(model).observe((now - last_t) / new)
-                last_t = now
-                num_generated += new
-            if chunk.finished:
-                metrics.E2E.labels(model).observe(now - t0)
-                metrics.TENANT_TOKENS.labels(prep.tenant.name, "prompt").inc(chunk.num_prompt_tokens)
-                metrics.TENANT_TOKENS.labels(prep.tenant.name, "generation").inc(num_generated)
-            yield chunk
+        async with aclosing(self.llm.generate(req)) as chunks:
+            async for chunk in chunks:
+                if chunk.error is not None:
+                    raise APIError.from_wire(chunk.error)
+                new = sum(len(c.token_ids) for c in chunk.choices)
+                now = time.perf_counter()
+                if new:
+                    if last_t is None:
+                        metrics.TTFT.labels(model).observe(now - t0)
+                    else:
+                        metrics.ITL.labels(model).observe((now - last_t) / new)
+                    last_t = now
+                    num_generated += new
+                if chunk.finished:
+                    metrics.E2E.labels(model).observe(now - t0)
+                    metrics.TENANT_TOKENS.labels(prep.tenant.name, "prompt").inc(chunk.num_prompt_tokens)
+                    metrics.TENANT_TOKENS.labels(prep.tenant.name, "generation").inc(num_generated)
+                yield chunk

@@ -80,6 +80,10 @@ class LLMServer:
                     out = await asyncio.wait_for(anext(stream), remaining)
                 except StopAsyncIteration:
                     break
+                except RuntimeError as e:   # the engine loop died (EngineDeadError): Serve will restart us
+                    span.set_status(Status(StatusCode.ERROR, str(e)))
+                    yield ReplicaChunk(error=ErrorInfo(503, f"The model replica failed: {e}; retry."))
+                    return
                 except TimeoutError:
                     await self._engine.abort(req.request_id)
                     span.set_status(Status(StatusCode.ERROR, "deadline exceeded"))
@@ -107,7 +111,10 @@ class LLMServer:
             metrics.REPLICA_REJECTED.labels(self._model, "draining").inc()
             return ErrorInfo(503, "This replica is shutting down; retry.", retry_after=1.0)
         limit = self._config.llm_max_queued_requests
-        if self._engine.stats().num_waiting >= limit:
+        stats = self._engine.stats()
+        if not stats.is_alive:
+            return ErrorInfo(503, "The model replica's engine is not running; retry.", retry_after=1.0)
+        if stats.num_waiting >= limit:
             metrics.REPLICA_REJECTED.labels(self._model, "queue_full").inc()
             return ErrorInfo(429, f"The replica's queue is full ({limit} waiting requests); retry later.",
                              code="queue_full", retry_after=1.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 GATEWAY_REGISTRY = CollectorRegistry(auto_describe=True)
@@ -110,3 +110,71 @@ def gateway_text() -> bytes:
 
 def replica_text() -> bytes:
     return generate_latest(REPLICA_REGISTRY)
+
+
+# ---- KV tier and prefix routing (issue 6; services/prefix_cache) ------------------------------
+# tier = "memory" | "redis". Local (in-replica) prefix hits are inference_prefix_cache_hits above.
+KV_TIER_BLOCKS = Counter(
+    "inference_kv_tier_blocks", "Prefix blocks looked up in the KV tier after the replica's own "
+    "cache, by result: hit (loaded), miss (absent), corrupt (failed its checks, recomputed), "
+    "skipped (present but the cost model chose recompute).",
+    ["tier", "result"], registry=REPLICA_REGISTRY)
+KV_TIER_BYTES = Counter(
+    "inference_kv_tier_bytes", "Bytes moved to or from the KV tier (direction=read|write).",
+    ["tier", "direction"], registry=REPLICA_REGISTRY)
+KV_TIER_FETCH_SECONDS = Histogram(
+    "inference_kv_tier_fetch_seconds", "Time to fetch, check and load one request's prefix blocks "
+    "from the KV tier.", ["tier"], buckets=_LATENCY_BUCKETS, registry=REPLICA_REGISTRY)
+KV_TIER_DECISIONS = Counter(
+    "inference_kv_tier_decisions", "Fetch-or-recompute decisions of the cost model (decision=fetch|"
+    "recompute).", ["tier", "decision"], registry=REPLICA_REGISTRY)
+KV_TIER_BYPASSES = Counter(
+    "inference_kv_tier_bypasses", "KV tier operations skipped because the backend failed or the "
+    "circuit breaker was open (op=read|write|index).", ["tier", "op"], registry=REPLICA_REGISTRY)
+KV_TIER_WRITES_DROPPED = Counter(
+    "inference_kv_tier_writes_dropped", "Blocks not written to the KV tier because the writer's "
+    "queue was full.", ["tier"], registry=REPLICA_REGISTRY)
+KV_TIER_EVICTIONS = Counter(
+    "inference_kv_tier_evictions", "Keys the KV tier's backend evicted for memory (for Redis: the "
+    "server's evicted_keys as observed by this replica).", ["tier"], registry=REPLICA_REGISTRY)
+KV_TIER_BREAKER_OPEN = Gauge(
+    "inference_kv_tier_breaker_open", "1 while the KV tier's circuit breaker is open or half-open.",
+    ["tier"], registry=REPLICA_REGISTRY)
+PREFIX_ROUTER_DECISIONS = Counter(
+    "inference_prefix_router_decisions", "Routing decisions of the prefix-aware router (reason="
+    "prefix|load|no_hashes|index_down).", ["reason"], registry=GATEWAY_REGISTRY)
+PREFIX_ROUTER_MATCHED_BLOCKS = Histogram(
+    "inference_prefix_router_matched_blocks", "Cached prefix blocks on the replica chosen by prefix.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=GATEWAY_REGISTRY)
+PREFIX_ROUTER_LOOKUP_SECONDS = Histogram(
+    "inference_prefix_router_lookup_seconds", "Time to read the prefix index for one request.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+    registry=GATEWAY_REGISTRY)
+
+
+# ---- structured output (services/grammar) -------------------------------------------------------
+# Compile and cache metrics live where grammars are compiled (GrammarService replicas, or an LLM
+# replica compiling locally): their own registry, served by `grammar_text()`. Mask time is
+# per engine step, so it sits with the replica's metrics.
+GRAMMAR_REGISTRY = CollectorRegistry(auto_describe=True)
+_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_MASK_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                 0.025, 0.05, 0.1)
+
+GRAMMAR_COMPILE_SECONDS = Histogram(
+    "inference_grammar_compile_seconds", "Time to compile a grammar spec on a cache miss "
+    "(kind=gbnf|json_schema|json_object|regex|choice|builtin).", ["kind"], buckets=_COMPILE_BUCKETS,
+    registry=GRAMMAR_REGISTRY)
+GRAMMAR_COMPILE_ERRORS = Counter(
+    "inference_grammar_compile_errors", "Grammar specs refused (reason=invalid|limit|timeout).",
+    ["kind", "reason"], registry=GRAMMAR_REGISTRY)
+GRAMMAR_CACHE_LOOKUPS = Counter(
+    "inference_grammar_cache_lookups", "Compiled-grammar cache lookups "
+    "(result=memory_hit|redis_hit|miss).", ["result"], registry=GRAMMAR_REGISTRY)
+GRAMMAR_MASK_SECONDS = Histogram(
+    "inference_grammar_mask_seconds", "Time per engine step to fill and apply the grammar token "
+    "masks of all constrained rows.", buckets=_MASK_BUCKETS, registry=REPLICA_REGISTRY)
+
+
+def grammar_text() -> bytes:
+    return generate_latest(GRAMMAR_REGISTRY)

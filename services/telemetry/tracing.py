@@ -67,12 +67,12 @@ def start_span(name: str, parent: otel_context.Context | None = None,
     return tracer().start_span(name, context=parent, kind=kind, attributes=dict(attributes or {}))
 
 
-# The engine stamps RequestMetrics with time.monotonic(); OTel wants epoch nanoseconds.
+# OTel wants epoch nanoseconds; the engine stamps RequestMetrics with time.time() ("wall").
 def _epoch_ns(t_monotonic: float, offset: float) -> int:
     return int((t_monotonic + offset) * 1e9)
 
 
-def record_engine_phases(parent: Span, metrics: Any, clock: str = "monotonic") -> None:
+def record_engine_phases(parent: Span, metrics: Any, clock: str = "wall") -> None:
     """Child spans engine.queue / engine.prefill / engine.decode from a RequestMetrics.
 
     `metrics` has arrival_time, first_scheduled_time, first_token_time, finished_time (seconds;
