@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from services.telemetry import metrics
+
 from .breaker import CircuitBreaker
 from .index import PrefixIndex
 from .store import TierUnavailableError
@@ -94,7 +96,7 @@ class PrefixAwareRouter(RequestRouter):
             ranked = self._rank_by_prefix(pool, prefix_blocks)
         else:
             ranked = [self._two_choices(pool)]
-        self._record(RouteDecision(reason, prefix_blocks, lookup_s))
+        self._record(RouteDecision(reason, prefix_blocks, lookup_s), ranked[0][0])
         return ranked + ([full] if full and available else [])
 
     async def _lookup(self, replicas: Sequence[RunningReplica], pending_request
@@ -134,6 +136,12 @@ class PrefixAwareRouter(RequestRouter):
         # Ray picks the shorter queue within a rank: power of two choices.
         return random.sample(list(replicas), k=min(2, len(replicas)))
 
-    def _record(self, decision: RouteDecision) -> None:
+    def _record(self, decision: RouteDecision, chosen: RunningReplica) -> None:
         self.last_decision = decision
         self.num_decisions[decision.reason] = self.num_decisions.get(decision.reason, 0) + 1
+        metrics.PREFIX_ROUTER_DECISIONS.labels(decision.reason).inc()
+        if decision.lookup_s:
+            metrics.PREFIX_ROUTER_LOOKUP_SECONDS.observe(decision.lookup_s)
+        if decision.reason == "prefix":
+            metrics.PREFIX_ROUTER_MATCHED_BLOCKS.observe(
+                decision.prefix_blocks.get(chosen.replica_id.unique_id, 0))
