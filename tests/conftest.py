@@ -83,7 +83,7 @@ def redis_url(redis_server) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
-    return str(REPO / "models" / "tiny-target")
+    return os.environ.get("TEST_TINY_MODEL") or str(REPO / "models" / "tiny-target")
 
 
 @pytest.fixture(scope="session")
