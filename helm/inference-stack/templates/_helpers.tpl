@@ -114,7 +114,9 @@ Integers go through `int64`: Helm parses YAML numbers as float64 and would print
   "service_name" (default (include "inference-stack.fullname" .) $v.otel.serviceName)
 -}}
 {{- range $k, $val := $v.serve.engine -}}
-{{- if and (kindIs "float64" $val) (eq (floor $val) $val) -}}
+{{- if kindIs "invalid" $val -}}
+{{- /* null: keep the engine's default */ -}}
+{{- else if and (kindIs "float64" $val) (eq (floor $val) $val) -}}
 {{- $_ := set $c (printf "engine_%s" $k) ($val | int64 | toString) -}}
 {{- else -}}
 {{- $_ := set $c (printf "engine_%s" $k) ($val | toString) -}}
