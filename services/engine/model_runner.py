@@ -44,6 +44,7 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.graphs = self._capture_graphs()   # GPU decode steps replay CUDA graphs (cuda_graphs.py)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -102,6 +103,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, list[list[int]]]:
         """Returns logits [sum of rows, V] (float32) and, per request, its row indices into them."""
+        if self.graphs is not None and self.graphs.can_run(scheduled):
+            return self.graphs.run(scheduled, self.model.compute_logits)
         ids, pos, meta, logit_rows = self.prepare(scheduled)
         hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
         flat = [row for rows in logit_rows for row in rows]
@@ -112,6 +115,17 @@ class ModelRunner:
             out_rows.append(list(range(k, k + len(rows))))
             k += len(rows)
         return logits, out_rows
+
+    def _capture_graphs(self):
+        """CUDA graphs need a GPU, graphs allowed (enforce_eager off) and a graph-safe backend."""
+        if self.device.type != "cuda" or self.config.enforce_eager or not getattr(self.backend, "graph_safe", False):
+            return None
+        from services.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
+        max_len = self.config.max_model_len or self.hf_config.max_position_embeddings
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size,
+                              self.config.max_num_seqs, max_len, self.device)
+        graphs.capture()
+        return graphs
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:

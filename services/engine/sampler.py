@@ -114,6 +114,8 @@ class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
         self.generator = torch.Generator().manual_seed(seed)   # for requests without a seed
+        self.seed = seed
+        self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Everything that changes the model's distribution before temperature. logits: [B, V] float32."""
@@ -176,12 +178,19 @@ class Sampler:
         for i, r in enumerate(requests):
             if r.sampling_params.mirostat_mode:
                 tokens[i] = self._mirostat(logits[i], r)
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests),
-                             logprobs.gather(1, tokens[:, None]).squeeze(1).tolist())
+        # One device->host transfer for tokens and their logprobs (float64 holds token ids exactly).
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        both = torch.cat([tokens.double(), chosen.double()]).tolist()
+        token_list = [int(t) for t in both[:len(requests)]]
+        return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
     def _noise(self, shape, requests: list[Request], device) -> torch.Tensor:
-        q = exponential_noise(shape, self.generator, device)
+        if device.type == "cuda":   # unseeded rows draw on the GPU: no [B, V] noise made on the host
+            if self.device_generator is None:
+                self.device_generator = torch.Generator(device).manual_seed(self.seed)
+            q = torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=self.device_generator)
+        else:
+            q = exponential_noise(shape, self.generator, device)
         for j, r in enumerate(requests):
             if r.generator is not None:
                 q[j] = exponential_noise((shape[1],), r.generator, device)

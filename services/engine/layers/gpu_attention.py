@@ -145,6 +145,8 @@ def write_kv_fused(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tenso
 class TritonAttention(AttentionBackend):
     """Paged flash attention in Triton. `num_splits` is the split count for long decode contexts."""
 
+    graph_safe = True   # reads only device tensors (and max_query_len / max_seq_len, fixed per graph)
+
     def __init__(self, max_splits: int = 16):
         self.max_splits = max_splits
 
