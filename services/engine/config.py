@@ -32,6 +32,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"       # "auto" | "torch" | "flex" | "triton"
     enforce_eager: bool = False           # GPU: no CUDA graphs
+    # Speculative decoding (services/engine/speculator.py). The proposer object itself is handed to
+    # LLMEngine(proposers=...); these are plain scalars so that INFER_ENGINE_* can set them.
+    speculative_method: str | None = None        # None (off by default) | "ngram" | "draft" | "remote"
+    num_speculative_tokens: int = 4              # k: most guesses per sequence per step
+    speculative_adaptive: bool = True            # per-sequence k from recent acceptance and measured cost
+    speculative_disable_batch_size: int | None = 32   # more running sequences than this: no speculation
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -51,6 +57,12 @@ class EngineConfig:
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]")
         need(self.attention_backend in ("auto", "torch", "flex", "triton"), "attention_backend",
              '"auto", "torch", "flex" or "triton"')
+        need(self.speculative_method in (None, "ngram", "draft", "remote"), "speculative_method",
+             'None, "ngram", "draft" or "remote"')
+        need(isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 16,
+             "num_speculative_tokens", "an integer in [1, 16]")
+        need(self.speculative_disable_batch_size is None or self.speculative_disable_batch_size >= 1,
+             "speculative_disable_batch_size", "None or >= 1")
 
     @property
     def tokenizer_path(self) -> str:

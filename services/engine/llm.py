@@ -18,9 +18,12 @@ from services.engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_args):
+    def __init__(self, model: str | None = None, proposers: dict | None = None, kv_tier=None,
+                 **engine_args):
+        """`proposers`: {name: services.engine.spec_decode.Proposer} for speculative decoding
+        (services.draft.build_proposer makes them); `speculative_method` picks the default one."""
         config = EngineConfig(model=model, **engine_args) if model else EngineConfig(**engine_args)
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, proposers, kv_tier=kv_tier)   # [kv-tier] optional KVTier
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -21,6 +21,8 @@ from services.engine.request import Request, RequestStatus
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
+from services.engine.spec_decode import Proposer
+from services.engine.speculator import Speculator
 
 
 @dataclass(slots=True, eq=False)
@@ -41,7 +43,8 @@ class RequestGroup:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, proposers: dict[str, Proposer] | None = None,
+                 kv_tier=None):
         self.config = config
         self.hf_config = load_config(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path, local_files_only=True)
@@ -52,6 +55,16 @@ class LLMEngine:
         self.kv = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.sampler = Sampler(self.vocab_size, config.seed)
+        # [kv-tier] the shared KV tier (services.prefix_cache.tier.KVTier): loads missing prefix
+        # blocks on admission, publishes newly full blocks after each forward pass.
+        self.kv_tier = kv_tier if config.enable_prefix_caching else None
+        if self.kv_tier is not None:
+            self.kv_tier.attach(self.kv, self.runner, config)
+        # [spec] speculative decoding: proposers (services.draft) come in through the Proposer seam.
+        if config.speculative_method is not None and not proposers:
+            raise ValueError(f"speculative_method={config.speculative_method!r} needs proposers={{name: Proposer}}; "
+                             "build one with services.draft.build_proposer")
+        self.speculator = Speculator(config, proposers, self.sampler, self.vocab_size) if proposers else None
         self.eos_token_ids = self._eos_ids()
         self.groups: dict[str, RequestGroup] = {}
         self.child_to_group: dict[Request, RequestGroup] = {}
@@ -100,6 +113,8 @@ class LLMEngine:
         self.groups[request_id] = group
         for c in children:
             self.child_to_group[c] = group
+        if self.kv_tier is not None:   # [kv-tier] missing prefix blocks from the tier, if cheaper
+            self.kv_tier.load_prefix(children[0])
         self.scheduler.add(children[0])
         if not self.config.enable_prefix_caching:
             self._release_pending(group)
@@ -129,12 +144,17 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:   # [spec] guesses become extra tokens for the scheduler
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        t_exec = time.perf_counter()
         logits, rows = self.runner.execute(sched.scheduled)
+        if self.kv_tier is not None:   # [kv-tier] export blocks that just became full
+            self.kv_tier.after_step(sched.scheduled, time.perf_counter() - t_exec)
         self.scheduler.update(sched.scheduled)
-        sampling = [(s.request, r[0]) for s, r in zip(sched.scheduled, rows) if r]
+        sampling = [(s.request, r[0]) for s, r in zip(sched.scheduled, rows) if r and not s.request.spec_token_ids]
         touched: dict[str, RequestGroup] = {}
         if sampling:
             reqs = [r for r, _ in sampling]
@@ -143,6 +163,12 @@ class LLMEngine:
             for i, req in enumerate(reqs):
                 group = self.child_to_group[req]
                 self._append(req, group, out.token_ids[i], out.chosen_logprobs[i], out.logprobs[i], now)
+                touched[group.request_id] = group
+        for s, r in zip(sched.scheduled, rows):   # [spec] verify scored guesses, append token by token
+            if r and s.request.spec_token_ids:
+                req, group, now = s.request, self.child_to_group[s.request], time.time()
+                self.speculator.verify(req, logits[r[0]:r[-1] + 1], lambda t, lp, lps, req=req, group=group, now=now:
+                                       self._append(req, group, t, lp, lps, now))
                 touched[group.request_id] = group
         for s in sched.scheduled:   # children wait for the first one's prompt, then hit its blocks
             group = self.child_to_group.get(s.request)

@@ -36,6 +36,9 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     # Structured output: an object with `new_matcher()` (services.grammar) or None. Opaque to the sampler.
     grammar: Any = None
+    # Speculative decoding override: {"enabled": bool, "method": "ngram"|"draft", "num_speculative_tokens":
+    # 1..16}, any subset; None = the deployment's default (EngineConfig.speculative_*).
+    speculative: dict[str, Any] | None = None
 
     MAX_LOGPROBS = 20
 
@@ -77,6 +80,15 @@ class SamplingParams:
         need(self.seed is None or isinstance(self.seed, int), "seed", "None or an integer")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
         need(len(self.stop) <= 16, "stop", "at most 16 strings")
+        if self.speculative is not None:
+            spec = self.speculative
+            ok = isinstance(spec, dict) and not set(spec) - {"enabled", "method", "num_speculative_tokens"}
+            ok = ok and spec.get("enabled") in (None, True, False) and spec.get("method") in (
+                None, "", "ngram", "draft", "remote")
+            k = spec.get("num_speculative_tokens") if ok else None
+            ok = ok and (k is None or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16))
+            need(ok, "speculative", 'None or {"enabled": bool, "method": "ngram"|"draft"|"remote", '
+                 '"num_speculative_tokens": 1..16}')
         if self.logit_bias is not None:
             for k, v in self.logit_bias.items():
                 if not isinstance(k, int) or not -100.0 <= float(v) <= 100.0:

@@ -1,0 +1,167 @@
+"""A draft model on our own engine: its ModelRunner, a paged KV cache per sequence, k guesses per call.
+
+Runs the draft side of the protocol (services/draft/protocol.py) for many sequences at once: the
+first forward pass of a call computes every sequence's uncomputed tokens (a whole prompt for a new
+sequence, usually one or two tokens otherwise), the next k-1 passes one guess each. Sequences are
+kept in LRU order; when KV blocks run out the least recently used sequences not in the current call
+are evicted (their next call is answered `lost`). Prefix caching is off here: guesses are written
+into blocks and later overwritten, which a shared cached block must never be.
+Not thread-safe: one caller at a time (the DraftServer runs one batch at a time).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from services.draft.protocol import DraftCall, DraftReply
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.loader import load_config
+from services.engine.model_runner import ModelRunner
+from services.engine.outputs import RequestMetrics
+from services.engine.request import Request
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import ScheduledRequest
+
+_PARAMS = SamplingParams(max_tokens=None)
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    req: Request                 # token_ids = committed tokens + this draft's last guesses
+    num_committed: int
+
+
+class DraftModel:
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", num_kv_blocks: int | None = None,
+                 kv_cache_memory_gb: float = 0.25, block_size: int = 16, top_probs: int = 8, seed: int = 0,
+                 load_format: str = "auto"):
+        if top_probs < 1:
+            raise ValueError(f"top_probs must be >= 1, got {top_probs}")
+        self.config = EngineConfig(model=model_dir, device=device, dtype=dtype, num_kv_blocks=num_kv_blocks,
+                                   kv_cache_memory_gb=kv_cache_memory_gb, block_size=block_size, seed=seed,
+                                   enable_prefix_caching=False, load_format=load_format)
+        self.hf_config = load_config(model_dir)
+        self.runner = ModelRunner(self.config, self.hf_config)
+        self.kv = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
+        self.max_model_len = self.hf_config.max_position_embeddings
+        self.vocab_size = self.hf_config.vocab_size
+        self.top_probs = top_probs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seqs: OrderedDict[str, _Seq] = OrderedDict()
+        self.num_evictions = 0
+
+    # ---- protocol ------------------------------------------------------------------------------
+    def propose(self, calls: list[DraftCall]) -> list[DraftReply]:
+        replies: dict[int, DraftReply] = {}
+        active: list[tuple[int, DraftCall, _Seq, int]] = []
+        seen: set[str] = set()
+        for i, c in enumerate(calls):
+            if c.seq_id in seen:   # one sequence twice in a batch: the caller is confused; make it resend
+                replies[i] = DraftReply(c.seq_id, lost=True)
+                continue
+            seen.add(c.seq_id)
+            seq = self._sync(c)
+            if seq is None:
+                replies[i] = DraftReply(c.seq_id, lost=True)
+                continue
+            k = min(c.num_speculative_tokens, self.max_model_len - seq.req.num_tokens)
+            if k <= 0:
+                replies[i] = DraftReply(c.seq_id)
+                continue
+            active.append((i, c, seq, k))
+        guesses: dict[int, list[int]] = {i: [] for i, *_ in active}
+        probs: dict[int, list] = {i: [] for i, *_ in active}
+        protected = {c.seq_id for _, c, _, _ in active}
+        done: set[int] = set()     # out of KV memory: it answers with the guesses it has
+        for _ in range(max((k for *_, k in active), default=0)):
+            scheduled, kept = [], []
+            for i, c, seq, k in active:
+                if i in done or len(guesses[i]) >= k:
+                    continue
+                num_new = seq.req.num_tokens - seq.req.num_computed_tokens
+                if self._allocate(seq, num_new, protected):
+                    scheduled.append(ScheduledRequest(seq.req, num_new, self.kv.block_ids(seq.req.request_id)))
+                    kept.append((i, c, seq))
+                else:
+                    done.add(i)
+            if not scheduled:
+                break
+            logits, rows = self.runner.execute(scheduled)     # one row per sequence: its last position
+            logits = logits[[r[0] for r in rows]]
+            for s in scheduled:
+                s.request.num_computed_tokens += s.num_new_tokens
+            tokens, dists = self._sample(logits, [c.temperature for _, c, _ in kept])
+            for (i, _, seq), t, d in zip(kept, tokens, dists):
+                seq.req.append_token(t)
+                guesses[i].append(t)
+                if d is not None:
+                    probs[i].append(d)
+        for i, c, _, _ in active:
+            replies[i] = DraftReply(c.seq_id, token_ids=guesses[i], probs=probs[i] if c.temperature > 0 else None)
+        return [replies[i] for i in range(len(calls))]
+
+    def release(self, seq_ids: list[str]) -> None:
+        for sid in seq_ids:
+            seq = self.seqs.pop(sid, None)
+            if seq is not None:
+                self.kv.free(seq.req)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seqs)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _sync(self, c: DraftCall) -> _Seq | None:
+        """Roll the sequence back to the caller's committed prefix and append what is new."""
+        seq = self.seqs.get(c.seq_id)
+        if c.prefix_len == 0:
+            if seq is not None:
+                self.release([c.seq_id])
+            if not c.new_token_ids:
+                return None
+            req = Request(c.seq_id, list(c.new_token_ids), _PARAMS, frozenset(), self.max_model_len,
+                          self.config.block_size, RequestMetrics(0.0))
+            seq = self.seqs[c.seq_id] = _Seq(req, len(c.new_token_ids))
+            return seq
+        if seq is None or seq.num_committed < c.prefix_len:
+            return None
+        req = seq.req
+        dropped = req.token_ids[c.prefix_len:]
+        # KV stays valid for the dropped guesses that the target accepted (they equal the new tokens).
+        same = 0
+        while same < min(len(dropped), len(c.new_token_ids)) and dropped[same] == c.new_token_ids[same]:
+            same += 1
+        req.token_ids = req.token_ids[:c.prefix_len] + list(c.new_token_ids)
+        req.block_hashes = req.block_hashes[:len(req.token_ids) // self.config.block_size]
+        req.num_computed_tokens = min(req.num_computed_tokens, c.prefix_len + same, req.num_tokens - 1)
+        seq.num_committed = req.num_tokens
+        self.seqs.move_to_end(c.seq_id)
+        return seq
+
+    def _allocate(self, seq: _Seq, num_new: int, protected: set[str]) -> bool:
+        while not self.kv.allocate_slots(seq.req, num_new):
+            victim = next((sid for sid in self.seqs if sid not in protected), None)
+            if victim is None:
+                return False
+            self.release([victim])
+            self.num_evictions += 1
+        return True
+
+    def _sample(self, logits: torch.Tensor, temperatures: list[float]):
+        """Greedy rows: argmax, no distribution. Sampled rows: q = softmax(logits / T) truncated to
+        the top `top_probs` and renormalised; the guess is drawn from that q."""
+        tokens = logits.argmax(-1).tolist()
+        dists: list = [None] * len(temperatures)
+        for j, t in enumerate(temperatures):
+            if t <= 0:
+                continue
+            p = (logits[j].float() / t).softmax(-1)
+            top = torch.topk(p, min(self.top_probs, p.shape[0]))
+            q = top.values / top.values.sum()
+            pick = int(torch.multinomial(q.cpu(), 1, generator=self.generator))
+            tokens[j] = int(top.indices[pick])
+            dists[j] = (top.indices.tolist(), q.tolist())
+        return tokens, dists

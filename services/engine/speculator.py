@@ -1,0 +1,241 @@
+"""The engine's speculative-decoding step: ask proposers for guesses, verify them, adapt k.
+
+LLMEngine.step calls `propose(running)` before scheduling (guesses go into
+`request.spec_token_ids`, so the scheduler computes them as extra tokens) and, after the forward
+pass, `verify(request, rows, emit)` for each request whose guesses were scored: `emit` is the
+engine's per-token append, so stop strings, EOS, max_tokens and grammar matchers act per token and
+can stop a run in the middle. Rejected positions are rolled back by lowering num_computed_tokens
+(their KV slots are overwritten later; only blocks full of committed tokens are ever registered).
+
+Adaptivity, per sequence: an acceptance-rate estimate alpha (decayed counts) and a cost per guess c
+(measured: the proposer's time per guessed position over the engine's step time) give the k in
+[0, K] with the most tokens per unit of time (spec_decode.best_num_tokens). k = 0 turns speculation
+off for that sequence; every PROBE_EVERY steps it tries k = 1 again, so it comes back on when
+acceptance recovers. Above `speculative_disable_batch_size` running sequences, nobody speculates:
+verifying k extra tokens per sequence stops being free once the batch is compute-bound.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.request import Request
+from services.engine.sampler import Sampler
+from services.engine.spec_decode import (Proposal, ProposalInput, Proposer, ProposerUnavailable, accept_guess,
+                                         best_num_tokens, residual, sample_from, uniform)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[int, float, dict | None], None]   # (token, chosen logprob, top logprobs or None)
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Cumulative counters (read by telemetry at scrape time)."""
+    num_verify_steps: int = 0        # (sequence, step) pairs that verified guesses
+    num_proposed_tokens: int = 0     # guesses scored by the target
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0      # accepted + the corrected/bonus token
+    num_draft_calls: int = 0
+    draft_time_s: float = 0.0
+    num_fallbacks: int = 0           # proposer calls that failed or timed out (plain decoding instead)
+    num_skipped_steps: int = 0       # steps without speculation because the batch was too large
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_proposed_tokens if self.num_proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+@dataclass(slots=True)
+class _SeqState:
+    method: str
+    accepted: float            # decayed counts: alpha = accepted / checked
+    checked: float
+    steps_off: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.checked if self.checked > 0 else 0.0
+
+
+class Speculator:
+    DECAY = 0.8          # weight of the past in the acceptance counts (about 5 steps of memory)
+    PROBE_EVERY = 16     # steps a sequence stays off before it tries one guess again
+    PRIOR = (1.4, 2.0)   # optimistic start, alpha = 0.7: a new sequence tries speculation
+
+    def __init__(self, config: EngineConfig, proposers: Mapping[str, Proposer], sampler: Sampler, vocab_size: int):
+        if config.speculative_method is not None and config.speculative_method not in proposers:
+            raise ValueError(f"EngineConfig.speculative_method={config.speculative_method!r} needs a proposer "
+                             f"of that name (got {sorted(proposers)}); build one with services.draft.build_proposer")
+        self.config = config
+        self.proposers = dict(proposers)
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.stats = SpecStats()
+        self._seqs: dict[str, _SeqState] = {}
+        self._proposals: dict[str, Proposal] = {}
+        self._cost: dict[str, float] = {m: 0.0 for m in proposers}   # seconds per guessed position
+        self._step_time: float | None = None
+        self._last_propose: float | None = None
+        self._last_draft_time = 0.0
+
+    # ---- which method, how many guesses ---------------------------------------------------------
+    def method_for(self, req: Request) -> str | None:
+        """The request's override (SamplingParams.speculative) or the deployment default."""
+        over = req.sampling_params.speculative or {}
+        if over.get("enabled") is False:
+            return None
+        method = over.get("method") or self.config.speculative_method
+        if method is None and over.get("enabled"):
+            method = next(iter(self.proposers), None)
+        if method == "draft" and "draft" not in self.proposers and "remote" in self.proposers:
+            method = "remote"   # "draft" asks for a draft model, wherever it runs
+        return method if method in self.proposers else None
+
+    def _max_k(self, req: Request) -> int:
+        over = req.sampling_params.speculative or {}
+        return over.get("num_speculative_tokens") or self.config.num_speculative_tokens
+
+    def _choose_k(self, req: Request, method: str) -> int:
+        k = min(self._max_k(req), req.max_tokens - req.num_output_tokens - 1)
+        if k <= 0 or not self.config.speculative_adaptive:
+            return max(k, 0)
+        st = self._seqs.get(req.request_id)
+        if st is None or st.method != method:
+            st = self._seqs[req.request_id] = _SeqState(method, *self.PRIOR)
+        cost = self._cost[method] / self._step_time if self._step_time else 0.0
+        best = best_num_tokens(st.alpha, k, cost)
+        if best == 0:
+            st.steps_off += 1
+            return 1 if st.steps_off % self.PROBE_EVERY == 0 else 0
+        st.steps_off = 0
+        return best
+
+    # ---- propose ---------------------------------------------------------------------------------
+    def propose(self, running: list[Request]) -> None:
+        now = time.monotonic()
+        if self._last_propose is not None:
+            gap = now - self._last_propose - self._last_draft_time
+            if 0 < gap < 2.0:   # longer gaps are idle time, not step time
+                self._step_time = gap if self._step_time is None else 0.8 * self._step_time + 0.2 * gap
+        self._last_propose, self._last_draft_time = now, 0.0
+        self._proposals.clear()
+        live = {r.request_id for r in running}
+        gone = [rid for rid in self._seqs if rid not in live]
+        for rid in gone:
+            st = self._seqs.pop(rid)
+            self.proposers[st.method].release([rid])
+        by_method: dict[str, list[tuple[Request, int]]] = {}
+        candidates = []
+        for r in running:
+            r.spec_token_ids = []
+            if (r.num_computed_tokens == r.num_tokens - 1 and not r.is_finished
+                    and r.sampling_params.mirostat_mode == 0):
+                method = self.method_for(r)
+                if method is not None:
+                    candidates.append((r, method))
+        cap = self.config.speculative_disable_batch_size
+        if cap is not None and len(running) > cap:
+            self.stats.num_skipped_steps += bool(candidates)
+            return
+        for r, method in candidates:
+            k = self._choose_k(r, method)
+            if k > 0:
+                by_method.setdefault(method, []).append((r, k))
+        for method, batch in by_method.items():
+            self._call(method, batch)
+
+    def _call(self, method: str, batch: list[tuple[Request, int]]) -> None:
+        inputs = [ProposalInput(r.request_id, r.token_ids, k, r.sampling_params.temperature) for r, k in batch]
+        for r, _ in batch:
+            self._seqs.setdefault(r.request_id, _SeqState(method, *self.PRIOR))
+        t0 = time.monotonic()
+        try:
+            proposals = self.proposers[method].propose(inputs)
+        except ProposerUnavailable as e:
+            self.stats.num_fallbacks += 1
+            log.info("proposer %s unavailable, decoding without speculation this step: %s", method, e)
+            return
+        finally:
+            dt = time.monotonic() - t0
+            self._last_draft_time += dt
+            self.stats.num_draft_calls += 1
+            self.stats.draft_time_s += dt
+        per_position = dt / max(k for _, k in batch)
+        self._cost[method] = 0.8 * self._cost[method] + 0.2 * per_position if self._cost[method] else per_position
+        assert len(proposals) == len(batch), f"proposer {method} answered {len(proposals)} of {len(batch)}"
+        for (r, k), prop in zip(batch, proposals):
+            if prop is None or not prop.token_ids:
+                continue
+            guesses = prop.token_ids[:k]
+            bad = next((j for j, t in enumerate(guesses) if not 0 <= t < self.vocab_size), None)
+            if bad is not None:   # a remote draft with another vocabulary: keep only valid guesses
+                guesses = guesses[:bad]
+            if guesses:
+                r.spec_token_ids = guesses
+                self._proposals[r.request_id] = prop
+
+    # ---- verify ----------------------------------------------------------------------------------
+    def verify(self, req: Request, logits: torch.Tensor, emit: Emit) -> None:
+        """logits [m+1, V]: rows for the last committed token and the m scored guesses."""
+        proposal = self._proposals.pop(req.request_id)
+        m = logits.shape[0] - 1
+        guesses = req.spec_token_ids[:m]
+        sp = req.sampling_params
+        greedy = sp.is_greedy
+        gen = req.generator or self.sampler.generator
+        # Without penalties, grammar or a pending min_tokens ban, processing does not depend on the
+        # tokens appended in between: all m+1 rows can be processed at once.
+        stateless = (req.matcher is None and req.num_output_tokens >= sp.min_tokens
+                     and sp.repetition_penalty == 1.0 and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0)
+        rows = probs = None
+        if stateless:
+            rows = self.sampler.process_logits(logits.float().clone(), [req] * (m + 1))
+            probs = None if greedy else self.sampler.warp(rows, [req] * (m + 1)).softmax(-1)
+        accepted = checked = 0
+        for j in range(m + 1):
+            if stateless:
+                row, p = rows[j], None if greedy else probs[j]
+            else:
+                row = self.sampler.process_logits(logits[j:j + 1].float().clone(), [req])[0]
+                p = None if greedy else self.sampler.warp(row[None], [req]).softmax(-1)[0]
+            is_guess = j < m
+            if greedy:
+                token = int(row.argmax())
+                ok = is_guess and token == guesses[j]
+            elif is_guess:
+                x = guesses[j]
+                ok = accept_guess(float(p[x]), proposal.q_of(j, x), uniform(gen))
+                token = x if ok else sample_from(residual(p, proposal.q_dense(j, self.vocab_size, p.device)), gen)
+            else:
+                ok, token = False, sample_from(p, gen)   # the bonus token
+            logprobs = row.log_softmax(-1)
+            emit(token, float(logprobs[token]), Sampler._logprobs(logprobs[None], [token], [req])[0])
+            accepted += ok
+            checked += is_guess
+            self.stats.num_emitted_tokens += 1
+            if not ok or req.is_finished:
+                break
+        self.stats.num_verify_steps += 1
+        self.stats.num_proposed_tokens += m
+        self.stats.num_accepted_tokens += accepted
+        st = self._seqs.get(req.request_id)
+        if st is not None:
+            st.accepted = self.DECAY * st.accepted + accepted
+            st.checked = self.DECAY * st.checked + checked
+        if not req.is_finished:
+            req.num_computed_tokens -= m - accepted
+        req.spec_token_ids = []
+
+    def close(self) -> None:
+        for p in self.proposers.values():
+            p.close()
