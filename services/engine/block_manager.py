@@ -105,6 +105,31 @@ class BlockManager:
             if b.ref_cnt == 0:
                 self.free_queue[b.block_id] = b
 
+    def import_cached_blocks(self, prefix: list[BlockHash], new: list[BlockHash]) -> list[int]:
+        """[kv-tier] Take free blocks for `new`, prefix blocks loaded from the KV tier that continue
+        the cached chain `prefix`, and register them: cached, free, most recently used. The caller
+        writes their KV (ModelRunner.import_blocks) before the next step. The prefix's own free
+        blocks are refreshed first so that taking blocks cannot evict the chain's head; fewer than
+        `new` are taken when free blocks run short. Returns the block ids, in `new`'s order."""
+        if not self.enable_prefix_caching:
+            return []
+        num_head_free = 0
+        for h in prefix:
+            b = self.cached.get(h)
+            if b is not None and b.ref_cnt == 0:
+                self.free_queue.move_to_end(b.block_id)
+                num_head_free += 1
+        ids: list[int] = []
+        for h in new[:max(self.num_free_blocks - num_head_free, 0)]:
+            if h in self.cached:
+                break
+            block = self._pop_free()
+            block.ref_cnt, block.block_hash = 0, h
+            self.cached[h] = block
+            self.free_queue[block.block_id] = block
+            ids.append(block.block_id)
+        return ids
+
     def reset_prefix_cache(self) -> None:
         for h, b in list(self.cached.items()):
             if b.ref_cnt == 0:

@@ -57,6 +57,10 @@ class KVTierStore(ABC):
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
         """Store the items; returns how many bytes went to the backend."""
 
+    @abstractmethod
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Forget the keys (a reader found their values corrupt; the next writer replaces them)."""
+
     def num_evictions(self) -> int | None:
         """Keys the backend evicted for memory since it started (None if it cannot tell)."""
         return None
@@ -108,6 +112,13 @@ class MemoryKVStore(KVTierStore):
                     self.num_bytes -= len(dropped)
                     self._evictions += 1
         return written
+
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for k in keys:
+                v = self._data.pop(k, None)
+                if v is not None:
+                    self.num_bytes -= len(v)
 
     def num_evictions(self) -> int:
         return self._evictions
@@ -166,6 +177,10 @@ class RedisKVStore(KVTierStore):
                 return 0
         self._run(lambda p: [p.set(k, v, ex=self.ttl_s) for k, v in items])
         return sum(len(v) for _, v in items)
+
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        if keys:
+            self._run(lambda p: p.delete(*keys))
 
     def num_evictions(self) -> int | None:
         try:
@@ -229,6 +244,9 @@ class GuardedStore(KVTierStore):
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
         return self.try_put_many(items) or 0
+
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        self._call(self.inner.delete_many, keys)
 
     def num_evictions(self) -> int | None:
         return self.inner.num_evictions() if self.breaker.state == "closed" else None

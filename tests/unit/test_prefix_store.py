@@ -22,6 +22,8 @@ def test_memory_store_overwrite_keeps_byte_count():
     s.put_many([(b"a", b"1" * 10)])
     s.put_many([(b"a", b"2" * 20)])
     assert s.num_bytes == 20 and s.get_many([b"a", b"zz"]) == [b"2" * 20, None]
+    s.delete_many([b"a", b"zz"])
+    assert s.num_bytes == 0 and len(s) == 0
 
 
 def test_block_key_separates_model_layout_and_hash():
@@ -54,6 +56,11 @@ class FlakyStore(KVTierStore):
         self._check()
         self.data.update(items)
         return sum(len(v) for _, v in items)
+
+    def delete_many(self, keys):
+        self._check()
+        for k in keys:
+            self.data.pop(k, None)
 
 
 def test_guarded_store_turns_failures_into_misses_and_stops_calling_when_open():

@@ -1,0 +1,263 @@
+"""KVTier: the engine's side of the shared KV tier (and of the prefix index the router reads).
+
+Three calls from the engine, all on its thread:
+  on_block_full(block_id, hash)  the block manager's callback: the block will hold committed KV
+                                 after this step (registered, not yet computed);
+  after_step(scheduled, secs)    after the forward pass: export the blocks that just became full
+                                 (one copy), hand them to the async writer; measure prefill speed;
+  load_prefix(request)           on admission: find the longest run of the request's missing full
+                                 blocks that the tier holds, ask the cost model, and if fetching wins
+                                 load them into free cache blocks registered under their hashes, so
+                                 the scheduler's ordinary prefix lookup then hits them.
+Everything that can wait (encoding, Redis writes, index updates) runs on the writer thread; a
+failing backend costs at most one socket timeout before the breaker bypasses it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from services.telemetry import metrics
+from services.telemetry.tracing import start_span
+
+from .blob import BlobError, BlockCodec, KVLayout
+from .breaker import CircuitBreaker
+from .cost_model import CostDecision, CostModel
+from .index import PrefixIndex, leading_hits
+from .store import GuardedStore, KVTierStore, MemoryKVStore, RedisKVStore, TierUnavailableError, block_key
+from .tier_config import KVTierConfig, model_fingerprint
+from .writer import AsyncWriter
+
+log = logging.getLogger(__name__)
+_KNOWN_MAX = 65536           # hashes remembered as already in the tier (skip exporting them again)
+_MIN_PREFILL_SAMPLE = 32     # steps with fewer prefill tokens say little about prefill speed
+
+
+@dataclass(slots=True)
+class TierStats:
+    blocks_hit: int = 0
+    blocks_miss: int = 0
+    blocks_corrupt: int = 0
+    blocks_skipped: int = 0
+    blocks_exported: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_bypasses: int = 0
+    write_bypasses: int = 0
+    index_bypasses: int = 0
+    decisions_fetch: int = 0
+    decisions_recompute: int = 0
+
+
+class KVTier:
+    def __init__(self, config: KVTierConfig, store: KVTierStore | None = None,
+                 index: PrefixIndex | None = None) -> None:
+        self.config = config
+        self.name = config.tier_name
+        self.stats = TierStats()
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s,
+                                      on_state_change=lambda s: metrics.KV_TIER_BREAKER_OPEN.labels(
+                                          self.name).set(0 if s == "closed" else 1))
+        if store is None:
+            store = (RedisKVStore(config.redis_url, config.ttl_s, config.socket_timeout_s,
+                                  config.socket_timeout_s) if config.redis_url
+                     else MemoryKVStore(config.memory_bytes))
+        inner = store
+        self.store = GuardedStore(inner, self.breaker)
+        self.index = index if index is not None else (PrefixIndex(config.redis_url, config.index_namespace,
+                                           config.index_ttl_s, config.socket_timeout_s)
+                               if config.index_namespace and config.redis_url else None)
+        self.cost = CostModel(config.prior_latency_s, config.prior_bandwidth_bytes_per_s,
+                              config.prior_prefill_tokens_per_s, margin=config.fetch_margin)
+        self.writer = AsyncWriter(self._write, config.max_queue_blocks, config.max_batch_blocks)
+        self.last_decision: CostDecision | None = None
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        self._pending: list[tuple[int, bytes]] = []
+        self._last_sync = 0.0
+        self._evictions_seen: int | None = None
+        self._kv = self._runner = self.codec = None
+
+    # ---- wiring ------------------------------------------------------------------------------
+    def attach(self, block_manager, runner, engine_config) -> None:
+        """Bind to one engine: its block manager (hashes, free blocks) and model runner (tensors)."""
+        self._kv, self._runner = block_manager, runner
+        self.block_size = block_manager.block_size
+        layout = KVLayout("LKBHD", (runner.num_layers, 2, runner.block_size, runner.num_kv_heads,
+                                    runner.head_dim), str(runner.dtype).removeprefix("torch."))
+        fp = model_fingerprint(engine_config.model, engine_config.load_format, engine_config.seed)
+        self.codec = BlockCodec(layout, fp, self.config.encoding)
+        self._key_prefix = block_key(fp, layout.fingerprint, b"")
+        self.blob_bytes_per_block = len(self.codec.encode(b"\0" * 16, torch.zeros(layout.shape,
+                                                                                  dtype=layout.torch_dtype)))
+        block_manager.on_block_full = self.on_block_full
+
+    def key(self, block_hash: bytes) -> bytes:
+        return self._key_prefix + block_hash.hex().encode()
+
+    # ---- write side (engine thread, then the writer thread) ------------------------------------
+    def on_block_full(self, block_id: int, block_hash: bytes) -> None:
+        self._pending.append((block_id, block_hash))
+
+    def after_step(self, scheduled, seconds: float) -> None:
+        num_prefill = sum(s.num_new_tokens for s in scheduled if s.num_new_tokens > 1)
+        if num_prefill >= _MIN_PREFILL_SAMPLE:
+            self.cost.observe_prefill(sum(s.num_new_tokens for s in scheduled), seconds)
+        pending, self._pending = self._pending, []
+        if pending:
+            computed = {b for s in scheduled for b in s.block_ids}
+            # Only blocks this step computed and that still carry their hash hold the KV we name.
+            valid = [(b, h) for b, h in pending
+                     if b in computed and self._kv.blocks[b].block_hash == h]
+            fresh = [(b, h) for b, h in valid if h not in self._known]
+            if fresh:
+                data = self._runner.export_blocks([b for b, _ in fresh])   # [N, L, 2, bs, h, d]
+                self.stats.blocks_exported += len(fresh)
+                for (_, h), block in zip(fresh, data):
+                    self._remember(h)
+                    if not self.writer.submit(("kv", h, block)):
+                        metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc()
+            if self.index is not None:
+                self.writer.submit(("index", [h for _, h in valid], None))
+        if self.index is not None and time.monotonic() - self._last_sync > self.config.index_sync_interval_s:
+            self._last_sync = time.monotonic()
+            self.writer.submit(("sync", list(self._kv.cached), None))
+
+    def _write(self, items: list) -> None:
+        """The writer thread: encode and write blocks in one pipeline; update the index."""
+        blocks = [(self.key(h), self.codec.encode(h, t)) for kind, h, t in items if kind == "kv"]
+        if blocks:
+            t0 = time.perf_counter()
+            written = self.store.try_put_many(blocks)
+            if written is None:
+                self.stats.write_bypasses += len(blocks)
+                metrics.KV_TIER_BYPASSES.labels(self.name, "write").inc()
+            elif written:
+                self.cost.observe_transfer(written, time.perf_counter() - t0)
+                self.stats.bytes_written += written
+                metrics.KV_TIER_BYTES.labels(self.name, "write").inc(written)
+        added = [h for kind, hs, _ in items if kind == "index" for h in hs]
+        syncs = [hs for kind, hs, _ in items if kind == "sync"]
+        if added or syncs:
+            self._update_index(added, syncs[-1] if syncs else None)
+        self._count_evictions()
+
+    def _update_index(self, added: list[bytes], full: list[bytes] | None) -> None:
+        if not self.breaker.allow():
+            self.stats.index_bypasses += 1
+            metrics.KV_TIER_BYPASSES.labels(self.name, "index").inc()
+            return
+        try:
+            if full is not None:
+                self.index.sync(self.config.replica_id, full)
+            if added:
+                self.index.publish(self.config.replica_id, added)
+        except TierUnavailableError as e:
+            self.breaker.record_failure()
+            self.stats.index_bypasses += 1
+            metrics.KV_TIER_BYPASSES.labels(self.name, "index").inc()
+            log.warning("prefix index update skipped: %s", e)
+            return
+        self.breaker.record_success()
+
+    def _count_evictions(self) -> None:
+        n = self.store.num_evictions()
+        if n is not None:
+            if self._evictions_seen is not None and n > self._evictions_seen:
+                metrics.KV_TIER_EVICTIONS.labels(self.name).inc(n - self._evictions_seen)
+            self._evictions_seen = n
+
+    def _remember(self, h: bytes) -> None:
+        self._known[h] = None
+        self._known.move_to_end(h)
+        if len(self._known) > _KNOWN_MAX:
+            self._known.popitem(last=False)
+
+    # ---- read side (engine thread, on admission) --------------------------------------------
+    def load_prefix(self, request) -> CostDecision | None:
+        """Load the request's missing prefix blocks from the tier if that beats recomputing them.
+        Returns the cost model's decision (None when there was nothing to decide)."""
+        kv = self._kv
+        hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
+        num_local = leading_hits([h in kv.cached for h in hashes])
+        missing = hashes[num_local:]
+        if len(missing) < self.config.min_fetch_blocks:
+            return None
+        keys = [self.key(h) for h in missing]
+        t0 = time.perf_counter()
+        present = self.store.try_contains_many(keys)
+        if present is None:
+            self._bypass_read()
+            return None
+        self.cost.observe_transfer(0, time.perf_counter() - t0)
+        run = leading_hits(present)
+        self._count_blocks("miss", len(missing) - run)
+        if run == 0:
+            return None
+        decision = self.cost.decide(run, self.block_size, self.blob_bytes_per_block)
+        self.last_decision = decision
+        metrics.KV_TIER_DECISIONS.labels(self.name, "fetch" if decision.fetch else "recompute").inc()
+        with start_span("kv_tier.load", attributes={"request_id": request.request_id,
+                                                     **decision.as_attributes()}) as span:
+            if not decision.fetch:
+                self.stats.decisions_recompute += 1
+                self._count_blocks("skipped", run)
+                return decision
+            self.stats.decisions_fetch += 1
+            loaded = self._fetch(hashes[:num_local], missing[:run], keys[:run])
+            span.set_attribute("kv_tier.blocks_loaded", loaded)
+        return decision
+
+    def _fetch(self, prefix: list[bytes], hashes: list[bytes], keys: list[bytes]) -> int:
+        t0 = time.perf_counter()
+        blobs = self.store.try_get_many(keys)
+        if blobs is None:
+            self._bypass_read()
+            return 0
+        blocks, num_bytes, corrupt = [], 0, []
+        for h, k, blob in zip(hashes, keys, blobs):
+            if blob is None:            # evicted between EXISTS and GET: the run ends here
+                break
+            try:
+                blocks.append(self.codec.decode(h, blob))
+            except BlobError as e:
+                log.warning("KV tier block %s rejected, recomputing: %s", h.hex(), e)
+                corrupt.append(k)
+                break
+            num_bytes += len(blob)
+        if corrupt:
+            self._count_blocks("corrupt", 1)
+            self.store.delete_many(corrupt)
+        ids = self._kv.import_cached_blocks(prefix, hashes[:len(blocks)]) if blocks else []
+        if ids:
+            self._runner.import_blocks(ids, torch.stack(blocks[:len(ids)]))
+            for h in hashes[:len(ids)]:
+                self._remember(h)
+            if self.index is not None:
+                self.writer.submit(("index", hashes[:len(ids)], None))
+        seconds = time.perf_counter() - t0
+        self.cost.observe_transfer(num_bytes, seconds)
+        self._count_blocks("hit", len(ids))
+        self._count_blocks("miss", len(hashes) - len(ids) - len(corrupt))
+        self.stats.bytes_read += num_bytes
+        metrics.KV_TIER_BYTES.labels(self.name, "read").inc(num_bytes)
+        metrics.KV_TIER_FETCH_SECONDS.labels(self.name).observe(seconds)
+        return len(ids)
+
+    def _bypass_read(self) -> None:
+        self.stats.read_bypasses += 1
+        metrics.KV_TIER_BYPASSES.labels(self.name, "read").inc()
+
+    def _count_blocks(self, result: str, n: int) -> None:
+        if n > 0:
+            setattr(self.stats, f"blocks_{result}", getattr(self.stats, f"blocks_{result}") + n)
+            metrics.KV_TIER_BLOCKS.labels(self.name, result).inc(n)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.store.close()
+        if self.index is not None:
+            self.index.close()
