@@ -1,0 +1,202 @@
+"""The in-engine side of structured output: a compiled grammar per request, a matcher per sequence,
+and the per-step token masks. The engine imports only this module.
+
+    handle = GrammarHandle.from_serialized(json_text, tokenizer_info)   # from the GrammarService
+    params = SamplingParams(..., grammar=handle)       # the engine calls handle.new_matcher() per sequence
+    # each step (services/engine/sampler.py): apply_grammar_masks(logits, requests)
+    # each accepted token (services/engine/llm_engine.py): matcher.accept_token(t); is_terminated()
+
+Bitmask: int32 [batch, ceil(V_tok / 32)], bit j of a row = token j allowed; V_tok is the
+tokenizer info's vocabulary size. The model's logits may be wider (padded heads): ids past
+V_tok are masked too, so they can never be sampled under a grammar.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from services.grammar.tokenizer import fingerprint
+from services.telemetry import metrics
+
+NEG_INF = float("-inf")
+
+
+class Matcher:
+    """One sequence's position in the grammar. Cheap; created per sequence (n > 1: one each)."""
+    __slots__ = ("_m", "_stop_ids", "num_accepted")
+
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: list[int] | None = None) -> None:
+        self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
+        self._stop_ids = list(self._m.stop_token_ids)
+        self.num_accepted = 0
+
+    def accept_token(self, token_id: int) -> bool:
+        """False if the grammar cannot take the token (state unchanged)."""
+        ok = self._m.accept_token(int(token_id))
+        self.num_accepted += ok
+        return ok
+
+    def is_terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted: the sequence must end."""
+        return self._m.is_terminated()
+
+    def is_completed(self) -> bool:
+        """The text so far is a complete match (a stop token may still be pending)."""
+        return self._m.is_completed()
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens (speculative decoding's rejected drafts)."""
+        if num_tokens > 0:
+            self._m.rollback(num_tokens)
+            self.num_accepted -= num_tokens
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the allowed next tokens into bitmask[row] (CPU int32). False: all allowed."""
+        if self._m.is_terminated():
+            # Nothing may follow; keep the row valid (stop tokens only) rather than all-zero.
+            bitmask[row].zero_()
+            for t in self._stop_ids:
+                bitmask[row, t // 32] |= _bit(t % 32)
+            return True
+        return self._m.fill_next_token_bitmask(bitmask, row)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self._stop_ids
+
+
+def _bit(i: int) -> int:
+    # int32 words: bit 31 is the sign bit.
+    return (1 << i) if i < 31 else -(1 << 31)
+
+
+class GrammarHandle:
+    """An immutable compiled grammar for one tokenizer; shared by all sequences that use it."""
+    __slots__ = ("compiled", "tokenizer_info", "vocab_size", "spec_hash", "stop_token_ids")
+
+    def __init__(self, compiled: xgr.CompiledGrammar, tokenizer_info: xgr.TokenizerInfo,
+                 spec_hash: str | None = None, stop_token_ids: list[int] | None = None) -> None:
+        self.compiled = compiled
+        self.tokenizer_info = tokenizer_info
+        self.vocab_size = tokenizer_info.vocab_size
+        self.spec_hash = spec_hash
+        self.stop_token_ids = stop_token_ids
+
+    @staticmethod
+    def from_serialized(serialized: str, tokenizer_info: xgr.TokenizerInfo, *, spec_hash: str | None = None,
+                        stop_token_ids: list[int] | None = None) -> "GrammarHandle":
+        compiled = xgr.CompiledGrammar.deserialize_json(serialized, tokenizer_info)
+        return GrammarHandle(compiled, tokenizer_info, spec_hash, stop_token_ids)
+
+    @staticmethod
+    def compile(spec: Any, tokenizer_info: xgr.TokenizerInfo, limits: Any = None) -> "GrammarHandle":
+        """Compile in this process, with the limits checks but no deadline (offline use, tests)."""
+        from services.grammar.compiler import compile_spec  # noqa: PLC0415
+        from services.grammar.spec import GrammarLimits, GrammarSpec  # noqa: PLC0415
+        spec = GrammarSpec.from_dict(spec)
+        compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=1)
+        return GrammarHandle(compile_spec(compiler, spec, limits or GrammarLimits()), tokenizer_info, spec.spec_hash)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return fingerprint(self.tokenizer_info)
+
+    def new_matcher(self, stop_token_ids: list[int] | None = None) -> Matcher:
+        return Matcher(self.compiled, stop_token_ids or self.stop_token_ids)
+
+    def __repr__(self) -> str:
+        return f"GrammarHandle(spec={self.spec_hash and self.spec_hash[:12]}, vocab_size={self.vocab_size})"
+
+
+def allocate_token_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+    """All-allowed int32 bitmask [batch, ceil(vocab_size / 32)] on the CPU."""
+    return xgr.allocate_token_bitmask(batch, vocab_size)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None,
+                        vocab_size: int | None = None) -> None:
+    """In place: logits[r, j] = -inf where bit j of bitmask[r] is 0, for r in rows (None = all).
+    logits [B, V] on any device; bitmask [B', W] int32 (CPU or logits' device), row r of the
+    bitmask belongs to row r of logits. `vocab_size` (default W*32, capped at V) is the mask's real
+    width; columns of logits past it are set to -inf in those rows."""
+    if rows is not None and not rows:
+        return
+    v = logits.shape[-1]
+    width = min(v, vocab_size if vocab_size is not None else bitmask.shape[-1] * 32)
+    if bitmask.device != logits.device:
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+    if v > width:
+        if rows is None:
+            logits[:, width:] = NEG_INF
+        else:
+            logits[torch.tensor(rows, device=logits.device), width:] = NEG_INF
+
+
+class _Buffers:
+    """One reusable CPU bitmask per mask width (pinned when a GPU is present, for async copies)."""
+
+    def __init__(self) -> None:
+        self._by_width: dict[int, torch.Tensor] = {}
+
+    def get(self, batch: int, vocab_size: int) -> torch.Tensor:
+        words = (vocab_size + 31) // 32
+        buf = self._by_width.get(words)
+        if buf is None or buf.shape[0] < batch:
+            buf = torch.empty((max(batch, 64), words), dtype=torch.int32,
+                              pin_memory=torch.cuda.is_available())
+            self._by_width[words] = buf
+        return buf[:batch]
+
+
+_BUFFERS = _Buffers()
+
+
+def fill_grammar_bitmask(requests: list[Any]) -> tuple[torch.Tensor, list[int], int] | None:
+    """CPU half of a step's masking: fill the rows of requests with a matcher. Returns
+    (bitmask [B, W], rows, mask vocab size) or None when no row is constrained. Can run while the
+    device computes the forward pass (it reads only matcher state)."""
+    rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+    if not rows:
+        return None
+    vocab_size = requests[rows[0]].sampling_params.grammar.vocab_size
+    bitmask = _BUFFERS.get(len(requests), vocab_size)
+    for i in rows:
+        requests[i].matcher.fill_next_token_bitmask(bitmask, i)
+    return bitmask, rows, vocab_size
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: list[Any],
+                        filled: tuple[torch.Tensor, list[int], int] | None = None) -> None:
+    """Mask logits [B, V] in place for the requests (row i = requests[i]) that have a matcher.
+    `filled`: the result of fill_grammar_bitmask when it already ran (overlapped with the forward)."""
+    t0 = time.perf_counter()
+    filled = filled or fill_grammar_bitmask(requests)
+    if filled is None:
+        return
+    bitmask, rows, vocab_size = filled
+    # Rows where the sampler already banned tokens (min_tokens bans EOS) may have nothing left
+    # once the grammar's mask is applied (the grammar wants to stop): the grammar wins there.
+    banned = [i for i in rows if requests[i].num_output_tokens < requests[i].sampling_params.min_tokens]
+    apply_token_bitmask(logits, bitmask, rows, vocab_size)
+    if banned:
+        dead = torch.isneginf(logits[banned]).all(-1).tolist()
+        for i, is_dead in zip(banned, dead):
+            if is_dead:   # typically only EOS is allowed: uniform over what the grammar allows
+                allowed = _allowed(bitmask[i], logits.shape[-1], vocab_size).to(logits.device)
+                logits[i] = torch.where(allowed, 0.0, NEG_INF)
+    metrics.GRAMMAR_MASK_SECONDS.observe(time.perf_counter() - t0)
+
+
+def _allowed(bitmask_row: torch.Tensor, v: int, vocab_size: int) -> torch.Tensor:
+    """bool [v]: bit j of the row set (and j < vocab_size)."""
+    words = bitmask_row.to(torch.int64) & 0xFFFFFFFF
+    bits = (words[:, None] >> torch.arange(32)) & 1
+    allowed = bits.flatten().bool()[:v]
+    if allowed.shape[0] < v:
+        allowed = torch.cat([allowed, torch.zeros(v - allowed.shape[0], dtype=torch.bool)])
+    allowed[vocab_size:] = False
+    return allowed
