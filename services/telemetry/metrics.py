@@ -178,31 +178,3 @@ GRAMMAR_MASK_SECONDS = Histogram(
 
 def grammar_text() -> bytes:
     return generate_latest(GRAMMAR_REGISTRY)
-
-
-# ---- structured output (services/grammar) -------------------------------------------------------
-# Compile and cache metrics live where grammars are compiled (GrammarService replicas, or an LLM
-# replica compiling locally): their own registry, served by `grammar_text()`. Mask time is
-# per engine step, so it sits with the replica's metrics.
-GRAMMAR_REGISTRY = CollectorRegistry(auto_describe=True)
-_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_MASK_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                 0.025, 0.05, 0.1)
-
-GRAMMAR_COMPILE_SECONDS = Histogram(
-    "inference_grammar_compile_seconds", "Time to compile a grammar spec on a cache miss "
-    "(kind=gbnf|json_schema|json_object|regex|choice|builtin).", ["kind"], buckets=_COMPILE_BUCKETS,
-    registry=GRAMMAR_REGISTRY)
-GRAMMAR_COMPILE_ERRORS = Counter(
-    "inference_grammar_compile_errors", "Grammar specs refused (reason=invalid|limit|timeout).",
-    ["kind", "reason"], registry=GRAMMAR_REGISTRY)
-GRAMMAR_CACHE_LOOKUPS = Counter(
-    "inference_grammar_cache_lookups", "Compiled-grammar cache lookups "
-    "(result=memory_hit|redis_hit|miss).", ["result"], registry=GRAMMAR_REGISTRY)
-GRAMMAR_MASK_SECONDS = Histogram(
-    "inference_grammar_mask_seconds", "Time per engine step to fill and apply the grammar token "
-    "masks of all constrained rows.", buckets=_MASK_BUCKETS, registry=REPLICA_REGISTRY)
-
-
-def grammar_text() -> bytes:
-    return generate_latest(GRAMMAR_REGISTRY)
