@@ -57,7 +57,8 @@ class StreamTimer:
         out: list[float] = []
         for i, (g, _) in enumerate(self.gaps):
             k = base + (1 if i < extra else 0)
-            out.extend([g / k] * k)
+            if k:
+                out.extend([g / k] * k)
         return out
 
     def tokens_per_s(self, total_tokens: int | None = None) -> float | None:
