@@ -27,7 +27,8 @@ from loadtest.scenarios import SCENARIOS, Settings
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOCUSTFILES = {"rest": HERE / "locustfile_rest.py", "grpc": HERE / "locustfile_grpc.py"}
-DEFAULT_GRPC_APP = "default"   # the Serve application name `python -m services.run` deploys
+DEFAULT_GRPC_APP = "inference"   # the Serve application name of services/app.py (APP_NAME)
+LOCAL_KEYS_FILE = REPO / ".run" / "api_keys.yaml"   # the dev key `make run` writes
 
 
 def _duration(raw: str) -> str:
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None, help="results folder (default loadtest/results/tmp/<time>)")
     p.add_argument("--model", default=None, help="served model name (default: the server's first)")
     p.add_argument("--api-key", action="append", default=[], help="repeat for several tenants")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="a keys file ({keys: [{key, tenant}]}) whose keys the users share; default: "
+                        ".run/api_keys.yaml (from `make run`) when no --api-key is given")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on every reply's max_tokens")
     p.add_argument("--max-model-len", type=int, default=None, help="context to size prompts for (default: ask)")
     p.add_argument("--ignore-eos", action="store_true", help="fixed reply lengths (not for the JSON scenario)")
@@ -78,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-itl-p95-ms", type=float, default=None, help="SLO: p95 inter-token latency of every entry")
     p.add_argument("--slo-error-rate", type=_fraction, default=None, help="SLO: failed/all requests, e.g. 0.01")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--from-csv", type=Path, default=None, metavar="PREFIX",
+                   help="no run: report (plots, summary, SLOs) on an earlier run's CSVs, e.g. ones copied "
+                        "from the distributed master on Kubernetes (PREFIX_stats.csv ...)")
     args = p.parse_args(argv)
     n_classes = 2 if args.user == "both" else 1
     if args.users < n_classes:
@@ -87,6 +94,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     return args
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    path = args.api_keys_file or (LOCAL_KEYS_FILE if not args.api_key and LOCAL_KEYS_FILE.is_file() else None)
+    if path is None:
+        return tuple(args.api_key)
+    import yaml
+    try:
+        entries = (yaml.safe_load(path.read_text()) or {}).get("keys") or []
+        keys = tuple(e["key"] for e in entries)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, KeyError) as e:
+        raise SystemExit(f"--api-keys-file {path}: expected {{keys: [{{key, tenant}}, ...]}} ({e})") from None
+    if not keys:
+        raise SystemExit(f"--api-keys-file {path} holds no key")
+    print(f"API keys: {len(keys)} from {path}", flush=True)
+    return (*args.api_key, *keys)
 
 
 def locust_command(args: argparse.Namespace, prefix: Path, html: Path) -> list[str]:
@@ -100,14 +123,45 @@ def locust_command(args: argparse.Namespace, prefix: Path, html: Path) -> list[s
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(model=args.model, api_keys=tuple(args.api_key), grpc_target=args.grpc_target,
+    return Settings(model=args.model, api_keys=api_keys(args), grpc_target=args.grpc_target,
                     grpc_app=args.grpc_app or None, max_tokens=args.max_tokens, max_model_len=args.max_model_len,
                     ignore_eos=args.ignore_eos, think_time_s=args.think_time, timeout_s=args.timeout,
                     seed=args.seed)
 
 
+def report(args: argparse.Namespace, prefix: Path, results_dir: Path, command: str) -> int:
+    """Summary, plots and the SLO verdict from Locust's CSVs at `prefix`."""
+    results = read_results(prefix)
+    title = f"{args.user} users={args.users} scenario={','.join(args.scenario)} {args.run_time}"
+    if args.from_csv is not None:
+        title = f"report of {prefix.name}"
+    summary = summary_markdown(results)
+    if not args.no_plots:
+        from loadtest.plots import plot_all   # matplotlib only when plotting
+        made = plot_all(results, results_dir, title)
+        summary += "\n\nplots: " + ", ".join(p.name for p in made)
+    (results_dir / "summary.md").write_text(f"# {title}\n\n```\n{command}\n```\n\n{summary}\n")
+    print(summary)
+    print(f"\nresults: {results_dir}")
+    slo = SLO(args.slo_ttft_p95_ms, args.slo_itl_p95_ms, args.slo_error_rate)
+    if not slo.is_set:
+        return 0
+    breaches = check_slo(results, slo)
+    for line in breaches:
+        print(f"SLO MISSED: {line}")
+    if not breaches:
+        print("SLO met.")
+    return 1 if breaches else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    invocation = " ".join(["python -m loadtest.run", *argv])
+    if args.from_csv is not None:
+        out = args.results or args.from_csv.parent
+        out.mkdir(parents=True, exist_ok=True)
+        return report(args, args.from_csv, out, invocation)
     if args.user != "rest" and not (REPO / "services" / "gen" / "inference" / "v1" / "inference_pb2.py").is_file():
         print("The gRPC stubs are missing: run `make proto` (or use --user rest).", file=sys.stderr)
         return 2
@@ -123,25 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         tail = (results_dir / "locust.log").read_text()[-3000:]
         print(f"Locust failed (exit {proc.returncode}); its log ends with:\n{tail}", file=sys.stderr)
         return proc.returncode or 2
-    results = read_results(prefix)
-    title = f"{args.user} users={args.users} scenario={','.join(args.scenario)} {args.run_time}"
-    summary = summary_markdown(results)
-    if not args.no_plots:
-        from loadtest.plots import plot_all   # matplotlib only when plotting
-        made = plot_all(results, results_dir, title)
-        summary += "\n\nplots: " + ", ".join(p.name for p in made)
-    (results_dir / "summary.md").write_text(f"# {title}\n\n```\n{' '.join(cmd)}\n```\n\n{summary}\n")
-    print(summary)
-    print(f"\nresults: {results_dir}")
-    slo = SLO(args.slo_ttft_p95_ms, args.slo_itl_p95_ms, args.slo_error_rate)
-    if not slo.is_set:
-        return 0
-    breaches = check_slo(results, slo)
-    for line in breaches:
-        print(f"SLO MISSED: {line}")
-    if not breaches:
-        print("SLO met.")
-    return 1 if breaches else 0
+    return report(args, prefix, results_dir, f"{invocation}\n# which ran:\n{' '.join(cmd)}")
 
 
 if __name__ == "__main__":
