@@ -1,0 +1,120 @@
+"""GrammarCompiler: every kind compiles in a worker process, errors are clear, a compile past the
+deadline is killed and the next one still works, and the in-memory cache answers repeats."""
+from __future__ import annotations
+
+import itertools
+import string
+
+import pytest
+import xgrammar as xgr
+
+from services.grammar.cache import GrammarCache
+from services.grammar.compiler import GrammarCompiler
+from services.grammar.errors import GrammarError, GrammarLimitError, GrammarTimeoutError
+from services.grammar.matcher import GrammarHandle
+from services.grammar.spec import GrammarLimits, GrammarSpec
+from services.grammar.tokenizer import fingerprint
+
+EOS = 256
+
+
+def synthetic_vocab(num_trigrams: int = 4096) -> list[bytes]:
+    """Bytes, an EOS, and enough multi-letter tokens for token-mask work to take real time."""
+    letters = string.ascii_lowercase
+    grams = ["".join(p) for p in itertools.product(letters, repeat=2)]
+    grams += ["".join(p) for p in itertools.islice(itertools.product(letters, repeat=3), num_trigrams)]
+    return [bytes([i]) for i in range(256)] + [b"<eos>"] + [g.encode() for g in grams] + \
+        [b'{"', b'":', b'",', b", ", b": ", b"true", b"null"]
+
+
+@pytest.fixture(scope="module")
+def info():
+    return xgr.TokenizerInfo(synthetic_vocab(), xgr.VocabType.RAW, stop_token_ids=[EOS])
+
+
+@pytest.fixture(scope="module")
+def compiler(info):
+    # A deadline and repetition limit such that `[a-z]{1,8000}` passes the checks but not the clock.
+    c = GrammarCompiler(info, limits=GrammarLimits(compile_timeout_s=0.15, max_repetition=100_000),
+                        cache=GrammarCache())
+    yield c
+    c.close()
+
+
+def run_text(handle: GrammarHandle, text: str) -> bool:
+    m = handle.new_matcher()
+    return m._m.accept_string(text) and m.accept_token(EOS) and m.is_terminated()
+
+
+@pytest.mark.parametrize("spec, good, bad", [
+    (GrammarSpec.gbnf('root ::= "yes" | "no"'), "no", "maybe"),
+    (GrammarSpec.regex(r"[0-9]{3}-[0-9]{4}"), "555-1234", "5551234"),
+    (GrammarSpec.choice(["red", "green", 'a "quoted" one']), 'a "quoted" one', "blue"),
+    (GrammarSpec.json_object(), '{"a": [1, {"b": null}]}', "[1]"),
+    (GrammarSpec.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
+     '{"n": 42}', '{"n": "42"}'),
+    (GrammarSpec.builtin("iso_date"), "2024-02-29", "2024-13-01"),
+])
+def test_each_kind_compiles_and_matches(compiler, info, spec, good, bad):
+    result = compiler.compile(spec)
+    handle = GrammarHandle.from_serialized(result.serialized, info)
+    assert run_text(handle, good)
+    assert not run_text(handle, bad)
+
+
+def test_repeat_is_a_memory_hit(compiler):
+    spec = GrammarSpec.regex("(ab)+c")
+    first = compiler.compile(spec)
+    again = compiler.compile(GrammarSpec.regex("(ab)+c", param="regex"))
+    assert first.source == "compiled" and again.source == "memory"
+    assert again.serialized == first.serialized
+
+
+def test_invalid_grammar_names_line_and_column(compiler):
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(GrammarSpec.gbnf('root ::= "a"\n  | "b" (\n'))
+    assert isinstance(e.value, ValueError)
+    assert e.value.line == 3 and e.value.column == 1
+    assert "/project/" not in str(e.value) and ".cc:" not in str(e.value)
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(GrammarSpec.regex("a(b"))
+    assert e.value.offset == 4 and "parenthesis" in str(e.value)
+    with pytest.raises(GrammarError, match='Unsupported type "colour"'):
+        compiler.compile(GrammarSpec.json_schema({"type": "colour"}))
+
+
+def test_failures_are_cached_too(compiler):
+    spec = GrammarSpec.gbnf("root ::= undefined_rule")
+    with pytest.raises(GrammarError):
+        compiler.compile(spec)
+    hits = compiler.cache.memory_hits
+    with pytest.raises(GrammarError, match="undefined_rule"):
+        compiler.compile(spec)
+    assert compiler.cache.memory_hits == hits + 1
+
+
+def test_over_limit_spec_never_reaches_a_worker(info):
+    c = GrammarCompiler(info, limits=GrammarLimits(max_spec_bytes=100), num_workers=1)
+    try:
+        with pytest.raises(GrammarLimitError, match="the limit is 100 bytes"):
+            c.compile(GrammarSpec.regex("a" * 101))
+        assert c.cache.misses == 1
+    finally:
+        c.close()
+
+
+def test_runaway_compile_is_stopped_and_the_next_one_works(compiler):
+    with pytest.raises(GrammarTimeoutError, match="took longer than 0.15 s and was stopped"):
+        compiler.compile(GrammarSpec.regex("[a-z]{1,8000}"))
+    # The killed worker has been replaced.
+    assert compiler.compile(GrammarSpec.regex("ok+")).source == "compiled"
+    with pytest.raises(GrammarTimeoutError):   # cached as a failure: answered without a worker
+        compiler.compile(GrammarSpec.regex("[a-z]{1,8000}"))
+
+
+def test_fingerprint_depends_on_vocab_and_mask_width(info):
+    same = xgr.TokenizerInfo(synthetic_vocab(), xgr.VocabType.RAW, stop_token_ids=[EOS])
+    wider = xgr.TokenizerInfo(synthetic_vocab(), xgr.VocabType.RAW, stop_token_ids=[EOS], vocab_size=8192)
+    other = xgr.TokenizerInfo(synthetic_vocab(100), xgr.VocabType.RAW, stop_token_ids=[EOS])
+    assert fingerprint(same) == fingerprint(info)
+    assert len({fingerprint(info), fingerprint(wider), fingerprint(other)}) == 3
