@@ -70,10 +70,16 @@ def lint(values: dict[str, Any] | None = None, strict: bool = False) -> dict[str
 
 
 def render(values: dict[str, Any] | None = None) -> list[Manifest]:
-    """Every document `helm install` would send, as dicts; raises helm_python errors on failure."""
+    """Every document `helm install` would send, as dicts; raises helm_python errors on failure.
+    Each distinct values dict renders once per session; callers get their own copy."""
+    return copy.deepcopy(_render(json.dumps(values or {}, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=None)
+def _render(values_json: str) -> list[Manifest]:
     import helm_python  # noqa: PLC0415
     with helm_python.Chart.load(str(CHART)) as chart:
-        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        files = chart.render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True)
     out: list[Manifest] = []
     for path, text in sorted(files.items()):
         if not path.endswith((".yaml", ".yml")):
@@ -82,15 +88,22 @@ def render(values: dict[str, Any] | None = None) -> list[Manifest]:
     return out
 
 
-def kustomize(directory: Path) -> list[Manifest]:
+@functools.lru_cache(maxsize=None)
+def _kustomize_text(directory: Path) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         import pytest  # noqa: PLC0415
-        pytest.skip("kubectl (which ships kustomize) is not installed: apt-get install kubectl")
+        pytest.skip("kubectl (which ships kustomize) is not installed: apt-get install kubernetes-client (Debian) or kubectl")
     proc = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise AssertionError(f"kubectl kustomize {directory} failed:\n{proc.stderr}")
-    return [Manifest(str(directory.relative_to(REPO)), d) for d in yaml.safe_load_all(proc.stdout) if d]
+    return proc.stdout
+
+
+def kustomize(directory: Path) -> list[Manifest]:
+    """`kubectl kustomize DIR`, parsed (run once per directory and test session)."""
+    text = _kustomize_text(directory)
+    return [Manifest(str(directory.relative_to(REPO)), d) for d in yaml.safe_load_all(text) if d]
 
 
 def _schema_dir(version: str) -> Path:
