@@ -247,3 +247,33 @@ def test_plots_from_a_history(tmp_path):
     made = plot_all(read_results(prefix), tmp_path / "plots", "unit")
     assert sorted(p.name for p in made) == ["errors.png", "itl.png", "throughput.png", "ttft.png"]
     assert all(p.stat().st_size > 10_000 for p in made)
+
+
+# ---- distributed Locust manifests -----------------------------------------------------------
+def test_k8s_loadtest_manifests_render_and_point_at_shipped_files():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (needed for `kubectl kustomize`)")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([kubectl, "kustomize", str(repo / "k8s" / "loadtest")], capture_output=True, text=True,
+                         check=True).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out)}
+    master = docs[("Deployment", "inference-stack-loadtest-master")]["spec"]["template"]["spec"]["containers"][0]
+    worker = docs[("Deployment", "inference-stack-loadtest-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--master" in master["args"] and worker["args"][:3] == ["--worker", "--master-host",
+                                                                   "inference-stack-loadtest"]
+    config = docs[("ConfigMap", "inference-stack-loadtest")]["data"]
+    dockerfile = (repo / "k8s" / "loadtest" / "Dockerfile").read_text()
+    for path in config["LOCUST_LOCUSTFILE"].split(","):
+        rel = path.removeprefix("/app/")
+        assert (repo / rel).is_file() and rel in dockerfile
+    assert config["LOCUST_TAGS"] in SCENARIOS
+    assert set(Settings.from_env(config).to_env()) <= set(config) | {"LOADTEST_API_KEYS", "LOADTEST_SEED",
+                                                                      "LOADTEST_MAX_MODEL_LEN"}
+    # Off by default: nothing of the stack's base pulls it in.
+    assert "loadtest" not in (repo / "k8s" / "base" / "kustomization.yaml").read_text()
