@@ -26,7 +26,7 @@ from services.gateway.errors import APIError
 from services.gateway.health import HealthMixin
 from services.gateway.protocol import parse_chat, parse_completion
 from services.gateway.results import Accumulator
-from services.gateway.service import GatewayService, LLMClient, RayLLMClient, model_limits
+from services.gateway.service import GatewayService, LLMClient, LocalLLMClient, RayLLMClient, model_limits
 from services.gen.inference.v1 import inference_pb2 as pb
 from services.telemetry import metrics, tracing
 
@@ -41,10 +41,53 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return rest.error_response(e)
 
 
+# Routes are plain functions that find the replica's Gateway instance: Serve's class-based views
+# do not inject `self` with the FastAPI version pinned here (routes answered 422 "self" missing).
+_local: "Gateway | None" = None   # set by tests that run the app without Serve (ASGI in process)
+
+
+def _gateway() -> "Gateway":
+    if _local is not None:
+        return _local
+    from ray import serve
+    return serve.get_replica_context().servable_object
+
+
+@app.get("/health")
+async def health() -> Response:
+    return await _gateway().health()
+
+
+@app.get("/ready")
+async def ready() -> Response:
+    return await _gateway().ready()
+
+
+@app.get("/metrics")
+async def metrics_route() -> Response:
+    return await _gateway().metrics_route()
+
+
+@app.get("/v1/models")
+async def models(request: Request) -> Response:
+    return await _gateway().models(request)
+
+
+@app.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _gateway().completions(request)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _gateway().chat_completions(request)
+
+
 class Gateway(HealthMixin):
     def __init__(self, config: StackConfig, llm: Any, tokenizer: Any = None) -> None:
         tracing.setup_tracing(config.service_name, config.otel_exporter, config.otel_endpoint)
-        client: LLMClient = llm if hasattr(llm, "call") else RayLLMClient(llm)
+        # A DeploymentHandle answers any attribute, so test for the local client's type instead.
+        client: LLMClient = llm if isinstance(llm, LocalLLMClient) else RayLLMClient(llm)
         if tokenizer is None:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(config.engine.tokenizer_path)
@@ -54,19 +97,16 @@ class Gateway(HealthMixin):
         self.config = config
 
     # ---- REST ---------------------------------------------------------------------------------
-    @app.get("/health")
     async def health(self) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
     async def ready(self) -> Response:
         problem = await self._replica_problem()
         if problem:
             return rest.error_response(APIError(503, f"Not ready: {problem}"))
         return JSONResponse({"status": "ready", "model": self.config.model_name})
 
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics_route(self) -> Response:
         body = metrics.gateway_text()
         try:
             body += await self.service.llm.call("metrics_text")
@@ -74,7 +114,6 @@ class Gateway(HealthMixin):
             body += f"# replica metrics unavailable: {type(e).__name__}\n".encode()
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
             self.service.auth.authenticate(request.headers.get("authorization"))
@@ -82,11 +121,9 @@ class Gateway(HealthMixin):
             return rest.error_response(e)
         return JSONResponse({"object": "list", "data": self.service.list_models()})
 
-    @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._rest(request, "completions", parse_completion)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._rest(request, "chat.completions", parse_chat)
 
@@ -180,7 +217,7 @@ class Gateway(HealthMixin):
             carrier = tracing.inject(trace.set_span_in_context(span))
             deadline_s = grpc_api.metadata_value(ctx, rest.TIMEOUT_HEADER)
             deadline = rest.deadline_from({rest.TIMEOUT_HEADER: deadline_s} if deadline_s else {})
-            acc = Accumulator(parsed.n)
+            acc = Accumulator(parsed.n, started=prep.started)
             first = True
             echo = (prep.prompt_text or "") if parsed.echo else ""
             # aclosing: closing this generator (client cancel) must close the replica stream now,

@@ -82,7 +82,7 @@ def _finish(reason: str | None) -> str | None:
 
 async def unary(service: GatewayService, prep: Prepared, carrier: dict, deadline: float | None) -> dict:
     p = prep.parsed
-    acc = Accumulator(p.n)
+    acc = Accumulator(p.n, started=prep.started)
     async for chunk in service.stream(prep, carrier, deadline):
         acc.add(chunk)
     head = {"id": prep.request_id, "created": prep.created, "model": p.model,
@@ -109,7 +109,7 @@ async def sse_events(service: GatewayService, prep: Prepared, carrier: dict,
     chat = p.kind == "chat"
     head = {"id": prep.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": prep.created, "model": p.model}
-    acc = Accumulator(p.n)
+    acc = Accumulator(p.n, started=prep.started)
     offsets = [0] * p.n
     if chat:   # OpenAI opens every choice with the role
         yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},

@@ -20,6 +20,7 @@ from services.config import StackConfig
 from services.gateway.auth import Authenticator, Tenant
 from services.gateway.errors import APIError, invalid
 from services.gateway.protocol import ParsedRequest
+from services.prefix_cache.hashing import block_hashes
 from services.serving.wire import ReplicaChunk, ReplicaRequest
 from services.telemetry import metrics
 
@@ -73,6 +74,7 @@ class Prepared:
     prompt_token_ids: list[int]
     prompt_text: str | None
     created: int
+    started: float = 0.0    # perf_counter() on arrival: latencies are measured from here
 
 
 def model_limits(model_dir: str, max_model_len: int | None) -> tuple[int, int]:
@@ -99,6 +101,7 @@ class GatewayService:
 
     def prepare(self, parsed: ParsedRequest, tenant: Tenant) -> Prepared:
         """Everything that can refuse a request before it costs a replica anything."""
+        started = time.perf_counter()
         if parsed.model != self.config.model_name:
             raise APIError(404, f"The model '{parsed.model}' does not exist; this server serves "
                                 f"'{self.config.model_name}'.", param="model", code="model_not_found")
@@ -122,7 +125,7 @@ class GatewayService:
         max_new = parsed.sampling.get("max_tokens") or (self.max_model_len - len(ids))
         self.auth.charge(tenant, len(ids) + max_new * parsed.n)
         return Prepared(parsed, tenant, f"{'chatcmpl' if parsed.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                        ids, text, int(time.time()))
+                        ids, text, int(time.time()), started)
 
     def _check_lengths(self, parsed: ParsedRequest, ids: list[int]) -> None:
         from services.engine.sampling_params import SamplingParams
@@ -135,15 +138,21 @@ class GatewayService:
         except TypeError as e:
             raise invalid(str(e)) from None
 
+    def _hashes(self, prep: Prepared) -> list[bytes] | None:
+        if not self.config.redis_url:   # no prefix index, so no prefix-aware routing
+            return None
+        return block_hashes(prep.prompt_token_ids, self.config.engine.block_size, salt=prep.tenant.name)
+
     async def stream(self, prep: Prepared, trace_carrier: dict[str, str],
                      deadline: float | None = None) -> AsyncIterator[ReplicaChunk]:
         """Replica chunks; raises APIError for a refusal. Records the client-side latency metrics."""
         p = prep.parsed
         req = ReplicaRequest(prep.request_id, prep.prompt_token_ids, p.sampling, prompt=prep.prompt_text,
                              priority=p.priority, cache_salt=prep.tenant.name, structured=p.structured,
-                             speculative=p.speculative, deadline=deadline, trace_carrier=trace_carrier)
+                             speculative=p.speculative, deadline=deadline, trace_carrier=trace_carrier,
+                             prefix_block_hashes=self._hashes(prep))
         model = self.config.model_name
-        t0 = time.perf_counter()
+        t0 = prep.started or time.perf_counter()
         last_t: float | None = None
         num_generated = 0
         async with aclosing(self.llm.generate(req)) as chunks:

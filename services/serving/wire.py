@@ -32,6 +32,8 @@ class ReplicaRequest:
     speculative: dict[str, Any] | None = None
     deadline: float | None = None        # time.time() after which the engine aborts the request
     trace_carrier: dict[str, str] = field(default_factory=dict)
+    # Salted block hashes of the prompt, read by the prefix-aware router (services.prefix_cache.router).
+    prefix_block_hashes: list[bytes] | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,0 +1,67 @@
+"""Builds the Ray Serve application from one StackConfig: Gateway (ingress: REST + gRPC) → LLMServer.
+
+Ray Serve import path: `services.app:build_app` (an application builder; `args` holds the INFER_*
+names lowercase without the prefix). gRPC is configured on Serve's proxy, not per application:
+start Serve with `grpc_options(port=INFER_GRPC_PORT, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)`
+(services/run.py does; the Helm chart's serveConfigV2 does the same).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from services.config import StackConfig
+from services.gateway.gateway import Gateway, app as rest_app
+from services.serving.llm_server import DEFAULT_ENGINE, LLMServer
+
+APP_NAME = "inference"
+GRPC_SERVICER_FUNCTIONS = [
+    "services.gen.inference.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# Seconds a replica being stopped waits for in-flight requests before the engine is shut down.
+DRAIN_TIMEOUT_S = 30.0
+
+
+def llm_deployment_options(cfg: StackConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": "LLMServer",
+        "ray_actor_options": {"num_cpus": cfg.llm_num_cpus, "num_gpus": cfg.llm_num_gpus},
+        # Running batch plus the bounded engine queue; beyond that Serve queues at most
+        # max_queued_requests per caller and then refuses (BackPressureError → 429).
+        "max_ongoing_requests": cfg.engine.max_num_seqs + cfg.llm_max_queued_requests,
+        "max_queued_requests": cfg.llm_max_queued_requests if cfg.llm_max_queued_requests > 0 else -1,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+    }
+    if cfg.llm_max_replicas > cfg.llm_min_replicas:
+        opts["autoscaling_config"] = {"min_replicas": cfg.llm_min_replicas,
+                                      "max_replicas": cfg.llm_max_replicas,
+                                      "target_ongoing_requests": cfg.llm_target_ongoing_requests}
+    else:
+        opts["num_replicas"] = cfg.llm_max_replicas
+    if cfg.redis_url:
+        from ray.serve.config import RequestRouterConfig
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class="services.prefix_cache.router.PrefixAwareRouter",
+            request_router_kwargs={"redis_url": cfg.redis_url, "namespace": cfg.model_name})
+    return opts
+
+
+def build_app_from_config(cfg: StackConfig, engine_cls: Any = DEFAULT_ENGINE) -> Application:
+    llm = serve.deployment(LLMServer).options(**llm_deployment_options(cfg)).bind(cfg, engine_cls)
+    gateway = serve.deployment(serve.ingress(rest_app)(Gateway)).options(
+        name="Gateway", num_replicas=cfg.gateway_replicas,
+        ray_actor_options={"num_cpus": cfg.gateway_num_cpus},
+        max_ongoing_requests=1000,     # it only awaits; the LLM replicas hold the real limits
+        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S)
+    return gateway.bind(cfg, llm)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder (`serve run services.app:build_app key=value ...`)."""
+    return build_app_from_config(StackConfig.from_args(dict(args or {})))

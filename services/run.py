@@ -1,0 +1,200 @@
+"""`make run`: the whole stack on this machine — a local Redis, a local Ray, Serve's HTTP and gRPC
+proxies, the Gateway and one LLMServer on the configured model (the tiny bundled one by default).
+
+    python -m services.run            # INFER_* env vars choose model, ports, limits, telemetry
+
+Prints the REST and gRPC endpoints with a curl and a Python gRPC example; Ctrl-C stops everything
+it started (Serve, Ray, Redis). `LocalStack` is also what the integration tests and the gateway
+benchmark start. Ray token auth (on by default in Ray 2.60) is turned off for this loopback-only
+stack unless RAY_AUTH_MODE is set; the Helm chart keeps it on.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from services.config import StackConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_DIR = REPO / ".run"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRedis:
+    """A redis-server from PATH on a loopback port, no persistence."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH: run `make redis` (apt redis-server) or set "
+                               "INFER_REDIS_URL to an existing server")
+        self.port = _free_port()
+        self.dir = tempfile.mkdtemp(prefix="inference-redis-")
+        self.proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LocalStack:
+    """Ray + Serve (HTTP and gRPC proxies) + the application, started in this process."""
+
+    def __init__(self, cfg: StackConfig, num_cpus: int | None = None, engine_cls: Any = None,
+                 log_to_driver: bool = True) -> None:
+        self.cfg = cfg
+        self.num_cpus = num_cpus
+        self.engine_cls = engine_cls
+        self.log_to_driver = log_to_driver
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.cfg.grpc_port}"
+
+    def start(self, ready_timeout_s: float = 300.0) -> "LocalStack":
+        import ray
+        from ray import serve
+        from ray.serve.config import gRPCOptions
+
+        from services.app import APP_NAME, GRPC_SERVICER_FUNCTIONS, build_app_from_config
+        from services.serving.llm_server import DEFAULT_ENGINE
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Replica processes import `services` from the repo (also when it is not pip-installed).
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver,
+                 ignore_reinit_error=True)
+        serve.start(http_options={"host": self.cfg.host, "port": self.cfg.http_port},
+                    grpc_options=gRPCOptions(port=self.cfg.grpc_port,
+                                             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        app = build_app_from_config(self.cfg, self.engine_cls or DEFAULT_ENGINE)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        self._wait_ready(ready_timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.http_url + "/ready", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except Exception as e:   # not up yet: connection refused, 503 while the engine loads
+                last = str(e)
+            time.sleep(0.5)
+        raise RuntimeError(f"the stack was not ready after {timeout_s:.0f}s ({last})")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def dev_keys_file() -> tuple[str, str]:
+    """A keys file with one fresh key for tenant "local" (under .run/), and the key."""
+    RUN_DIR.mkdir(exist_ok=True)
+    key = "sk-local-" + secrets.token_hex(12)
+    path = RUN_DIR / "api_keys.yaml"
+    path.write_text(f"keys:\n  - {{key: {key}, tenant: local, rate_limit_tokens_per_s: 20000, burst: 100000}}\n")
+    return str(path), key
+
+
+def banner(stack: LocalStack, key: str | None) -> str:
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    md = f'("authorization", "Bearer {key}")' if key else ""
+    model = stack.cfg.model_name
+    return f"""
+inference stack is up (model {model!r}, Redis {stack.cfg.redis_url or 'off'})
+  REST  {stack.http_url}/v1   (OpenAI API; /health /ready /metrics)
+  gRPC  {stack.grpc_target}   (inference.v1.Inference, grpc.health.v1.Health)
+{f"  API key  {key}" if key else "  auth disabled"}
+
+curl {stack.http_url}/v1/completions -H "Content-Type: application/json"{auth} \\
+  -d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 16}}'
+
+python - <<'PY'
+import grpc
+from services.gen.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pbg
+stub = pbg.InferenceStub(grpc.insecure_channel("{stack.grpc_target}"))
+for msg in stub.GenerateStream(pb.GenerateRequest(model="{model}", prompt="Once upon a time", max_tokens=16),
+                               metadata=[{md}]):
+    print(msg.choices[0].text if msg.choices else "", end="", flush=True)
+PY
+
+Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    redis = None
+    env = dict(os.environ)
+    key = None
+    if "INFER_REDIS_URL" not in env:
+        redis = LocalRedis()
+        env["INFER_REDIS_URL"] = redis.url
+    if env.get("INFER_AUTH_DISABLED", "").lower() not in ("1", "true", "yes", "on") and not env.get("INFER_API_KEYS_FILE"):
+        env["INFER_API_KEYS_FILE"], key = dev_keys_file()
+    stack = None
+    try:
+        cfg = StackConfig.from_env(env)
+        stack = LocalStack(cfg).start()
+        print(banner(stack, key), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    except ValueError as e:     # a bad INFER_* setting: say which, no traceback
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if stack is not None:
+            stack.stop()
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
