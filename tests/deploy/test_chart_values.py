@@ -102,6 +102,8 @@ INCONSISTENT = [
      "raise ray.workers.maxReplicas"),
     ({"ray": {"workers": {"minReplicas": 3, "replicas": 1, "maxReplicas": 4}}}, "minReplicas <= replicas"),
     ({"serve": {"llm": {"minReplicas": 3, "maxReplicas": 2}}}, "serve.llm.minReplicas"),
+    ({"serve": {"llm": {"numGpus": 1}}, "ray": {"workers": {"gpus": 0}}}, "a replica runs on one node"),
+    ({"serve": {"llm": {"numGpus": 2}}, "ray": {"workers": {"gpus": 1, "maxReplicas": 8}}}, "ray.workers.gpus=1"),
     ({"serve": {"draft": {"replicas": 1}}, "model": {"draftPath": ""}}, "model.draftPath"),
 ]
 
