@@ -50,7 +50,8 @@ def _write_kv_kernel(K, V, KC, VC, slots, stride_k, stride_v, stride_slot,
 def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens, query_start_loc, scale_log2,
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                       D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                       D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       PREC: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)          # query tile (prefill) or KV split (decode, NUM_SPLITS > 1)
     kvh = tl.program_id(2)
@@ -87,7 +88,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         page = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
         kv_off = page * stride_kb + (offs_n % PAGE) * stride_kt + kv_base
         k = tl.load(KC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2                                        # [M, N], log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                                        # [M, N], log2 units
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row may see no key in this block
@@ -95,7 +96,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -187,7 +188,8 @@ class TritonAttention(AttentionBackend):
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), meta.block_tables.stride(0),
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
-            PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=4, num_stages=2)
+            PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=4, num_stages=2,
+            PREC="ieee" if q.dtype == torch.float32 else "tf32")   # float32 stays exact (no tf32)
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
                                                         out.stride(0), out.stride(1), num_heads,
