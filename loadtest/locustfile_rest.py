@@ -115,7 +115,8 @@ class RestUser(User):
     def _read_sse(resp: requests.Response, out: Outcome) -> None:
         chat = out.request.kind == "chat"
         done = False
-        for line in resp.iter_lines():
+        # chunk_size=None: hand over each HTTP chunk as it arrives (a size would wait for that many bytes).
+        for line in resp.iter_lines(chunk_size=None):
             if not line or not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
