@@ -19,6 +19,7 @@ SCENARIOS = {"defaults": {}} | {p.stem: load_values(p) for p in EXAMPLES} | {
         "kuberay-operator": {"enabled": False},
         "apiKeys": {"keys": [{"key": "k-0123456789", "tenant": "t", "rate_limit_tokens_per_s": 10, "burst": 20}]},
         "imagePullSecrets": [{"name": "regcred"}],
+        "otel": {"collector": {"replicas": 2}},
     },
     "everything-off": {
         "redis": {"enabled": False, "externalUrl": "redis://cache.example:6379/0"},
@@ -157,10 +158,12 @@ def test_api_keys_come_from_a_secret():
     assert keys == {"keys": [{"key": "k-0123456789", "tenant": "t", "rate_limit_tokens_per_s": 10, "burst": 20}]}
 
 
-def test_pdb_covers_workers_only():
-    [pdb] = by_kind(RENDERED["defaults"], "PodDisruptionBudget")
+def test_pdbs_cover_workers_and_replicated_collectors():
+    [pdb] = by_kind(RENDERED["defaults"], "PodDisruptionBudget")     # no PDB on the single head
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/role"] == "worker"
+    pdbs = {d["metadata"]["name"] for d in by_kind(RENDERED["everything-on"], "PodDisruptionBudget")}
+    assert pdbs == {"inference-stack-workers", "inference-stack-otel-collector"}
 
 
 def test_dashboards_configmap_is_labelled_and_holds_the_json():

@@ -157,3 +157,14 @@ def test_ports_line_up_from_service_to_serve():
         assert ports["serve"] == 8081 and ports["grpc"] == 9001
     [gw] = [m.doc for m in kinds["Service"] if m.name == "inference-stack"]
     assert {p["name"]: p["targetPort"] for p in gw["spec"]["ports"]} == {"http": "serve", "grpc": "grpc"}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_serve_config_is_what_ray_serve_accepts(scenario):
+    """KubeRay hands serveConfigV2 to Ray's dashboard, which parses it as ServeDeploySchema."""
+    from ray.serve.schema import ServeDeploySchema  # noqa: PLC0415  (imports Ray: a few seconds, once)
+    cfg = ServeDeploySchema.model_validate(serve_config(rayservice(SCENARIOS[scenario])))
+    assert cfg.http_options.port == 8000 and cfg.grpc_options.port == 9000
+    assert cfg.proxy_location.value == "EveryNode"
+    [app] = cfg.applications
+    assert app.name == "inference" and app.route_prefix == "/"
