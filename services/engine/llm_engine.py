@@ -151,14 +151,20 @@ class LLMEngine:
             return []
         t_exec = time.perf_counter()
         logits, rows = self.runner.execute(sched.scheduled)
+        sampling = [(s.request, r[0]) for s, r in zip(sched.scheduled, rows) if r and not s.request.spec_token_ids]
+        # [grammar] fill token masks on the CPU now, while the device still runs the forward pass
+        # (nothing above waits for it); the sampler applies them on the device.
+        masks = None
+        if any(r.matcher is not None for r, _ in sampling):
+            from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
+            masks = fill_grammar_bitmask([r for r, _ in sampling])
         if self.kv_tier is not None:   # [kv-tier] export blocks that just became full
             self.kv_tier.after_step(sched.scheduled, time.perf_counter() - t_exec)
         self.scheduler.update(sched.scheduled)
-        sampling = [(s.request, r[0]) for s, r in zip(sched.scheduled, rows) if r and not s.request.spec_token_ids]
         touched: dict[str, RequestGroup] = {}
         if sampling:
             reqs = [r for r, _ in sampling]
-            out = self.sampler(logits[[row for _, row in sampling]], reqs)
+            out = self.sampler(logits[[row for _, row in sampling]], reqs, grammar_masks=masks)
             now = time.time()
             for i, req in enumerate(reqs):
                 group = self.child_to_group[req]

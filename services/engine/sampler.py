@@ -117,8 +117,9 @@ class Sampler:
         self.seed = seed
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Everything that changes the model's distribution before temperature. logits: [B, V] float32."""
+    def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> torch.Tensor:
+        """Everything that changes the model's distribution before temperature. logits: [B, V] float32.
+        grammar_masks: fill_grammar_bitmask(requests) when the engine already filled them."""
         device = logits.device
         params = [r.sampling_params for r in requests]
         for i, (r, sp) in enumerate(zip(requests, params)):
@@ -145,7 +146,7 @@ class Sampler:
                                           tensor("frequency_penalty"), tensor("presence_penalty"))
         if any(r.matcher is not None for r in requests):
             from services.grammar.matcher import apply_grammar_masks  # noqa: PLC0415
-            apply_grammar_masks(logits, requests)
+            apply_grammar_masks(logits, requests, grammar_masks)
         return logits
 
     def warp(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -165,8 +166,8 @@ class Sampler:
             logits = apply_typical_p(logits, torch.tensor([sp.typical_p for sp in params], device=device))
         return logits
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        logits = self.process_logits(logits.float(), requests)
+    def __call__(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> SamplerOutput:
+        logits = self.process_logits(logits.float(), requests, grammar_masks)
         logprobs = logits.log_softmax(-1)
         tokens = logits.argmax(-1)
         sampled = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy
