@@ -102,7 +102,7 @@ def test_prefilled_bitmask_is_used(info):
     h = handle(info, GrammarSpec.choice(["no"]))
     reqs = [fake_request(h.new_matcher(), h)]
     filled = fill_grammar_bitmask(reqs)
-    assert filled is not None and filled[1] == [0]
+    assert filled is not None and filled.rows == [0] and filled.vocab_size == len(VOCAB)
     logits = torch.zeros(1, MODEL_VOCAB)
     apply_grammar_masks(logits, reqs, filled)
     assert allowed(logits[0]) == {NO}
