@@ -119,16 +119,22 @@ def build() -> dict[Path, str]:
     return files
 
 
+def differences(files: dict[Path, str]) -> tuple[list[str], list[str]]:
+    """(files to write because they are missing or differ, files on disk that build() no longer makes)."""
+    existing = {*(K8S / "base").glob("*.yaml"), *(K8S / "overlays").glob("*/*.yaml"),
+                *(K8S / "overlays").glob("*/patches/*.yaml")}
+    stale = sorted(str(p.relative_to(REPO)) for p, text in files.items()
+                   if not p.is_file() or p.read_text() != text)
+    orphans = sorted(str(p.relative_to(REPO)) for p in existing - files.keys())
+    return stale, orphans
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="report stale files instead of writing")
     args = ap.parse_args()
     files = build()
-    existing = {p for p in [*(K8S / "base").glob("*.yaml"), *(K8S / "overlays").glob("*/*.yaml"),
-                            *(K8S / "overlays").glob("*/patches/*.yaml")]}
-    stale = sorted(str(p.relative_to(REPO)) for p, text in files.items()
-                   if not p.is_file() or p.read_text() != text)
-    orphans = sorted(str(p.relative_to(REPO)) for p in existing - files.keys())
+    stale, orphans = differences(files)
     if args.check:
         for p in stale + orphans:
             print(f"stale: {p} (run: .venv/bin/python k8s/render.py)", file=sys.stderr)
