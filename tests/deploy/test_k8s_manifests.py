@@ -33,7 +33,7 @@ def test_generated_manifests_are_up_to_date():
     k8s_render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(k8s_render)
     stale, orphans = k8s_render.differences(k8s_render.build())
-    assert stale == [] and orphans == [], "k8s/ is stale: run .venv/bin/python k8s/render.py"
+    assert (stale, orphans) == ([], []), "k8s/ is stale: run .venv/bin/python k8s/render.py"
 
 
 def test_base_renders_and_validates():
