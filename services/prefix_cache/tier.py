@@ -79,6 +79,7 @@ class KVTier:
         self._pending: list[tuple[int, bytes]] = []
         self._last_sync = 0.0
         self._evictions_seen: int | None = None
+        self._evictions_checked = 0.0
         self._kv = self._runner = self.codec = None
 
     # ---- wiring ------------------------------------------------------------------------------
@@ -94,6 +95,9 @@ class KVTier:
         self.blob_bytes_per_block = len(self.codec.encode(b"\0" * 16, torch.zeros(layout.shape,
                                                                                   dtype=layout.torch_dtype)))
         block_manager.on_block_full = self.on_block_full
+        # Open the connection now: a first round trip that pays for TCP setup would teach the cost
+        # model a latency ten times the real one, and the first request would recompute.
+        self.store.try_contains_many([self.key(b"\0" * 16)])
 
     def key(self, block_hash: bytes) -> bytes:
         return self._key_prefix + block_hash.hex().encode()
@@ -164,6 +168,9 @@ class KVTier:
         self.breaker.record_success()
 
     def _count_evictions(self) -> None:
+        if time.monotonic() - self._evictions_checked < 5.0:   # one INFO round trip per 5 s at most
+            return
+        self._evictions_checked = time.monotonic()
         n = self.store.num_evictions()
         if n is not None:
             if self._evictions_seen is not None and n > self._evictions_seen:

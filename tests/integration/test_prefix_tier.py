@@ -1,0 +1,145 @@
+"""The KV tier inside the engine, on the tiny model and a real Redis: greedy outputs are identical with
+the tier off, with local prefix hits, and with blocks loaded from Redis into a cold engine; corrupt
+blocks are recomputed; a dead Redis or a slow link means recompute, never an error.
+
+One warm engine (module scope) computes each test's prompts and writes their blocks to Redis; each
+test then starts a cold engine. Prompts are random per test, so no test hits another's blocks.
+"""
+import random
+import uuid
+
+import pytest
+import redis
+
+from services.engine.llm import LLM
+from services.engine.sampling_params import SamplingParams
+from services.prefix_cache.hashing import block_hashes
+from services.prefix_cache.index import PrefixIndex
+from services.prefix_cache.tier import KVTier
+from services.prefix_cache.tier_config import KVTierConfig
+
+pytestmark = pytest.mark.integration
+ENGINE = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=256)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PREFIX_BLOCKS = 12          # a 200-token shared prefix holds 12 full blocks of 16
+
+
+def run(llm, ps):
+    return [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
+
+
+def tier_llm(model_dir, **cfg):
+    tier = KVTier(KVTierConfig(**cfg))
+    return LLM(model_dir, kv_tier=tier, **ENGINE), tier
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    llm = LLM(tiny_model_dir, enable_prefix_caching=False, **ENGINE)
+    return lambda ps: run(llm, ps)
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_model_dir, redis_url):
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    llm, tier = tier_llm(tiny_model_dir, redis_url=redis_url, index_namespace=ns, replica_id="warm")
+    yield llm, tier
+    tier.close()
+
+
+@pytest.fixture
+def prompts(warm):
+    """A 200-token prefix unique to this test, then 3 suffixes of 5, 21 and 40 tokens."""
+    rng = random.Random(uuid.uuid4().int)
+    vocab = warm[0].engine.vocab_size
+    prefix = [rng.randrange(3, vocab) for _ in range(200)]
+    return [prefix + [rng.randrange(3, vocab) for _ in range(n)] for n in (5, 21, 40)]
+
+
+def publish(warm, ps):
+    llm, tier = warm
+    out = run(llm, ps)
+    tier.writer.flush(timeout_s=60)
+    return out
+
+
+def test_outputs_identical_off_local_and_from_redis_into_a_cold_engine(tiny_model_dir, redis_url, warm,
+                                                                        reference, prompts):
+    want = reference(prompts)
+    llm, tier = warm
+    hits_before = llm.engine.kv.prefix_hits
+    assert publish(warm, prompts[:1]) == want[:1]                # computes, writes to Redis
+    assert publish(warm, prompts[1:]) == want[1:]                # local prefix hits
+    assert llm.engine.kv.prefix_hits - hits_before >= 2 * PREFIX_BLOCKS * 16
+    assert tier.stats.bytes_written > 0
+
+    # A slow replica (prefill prior 100 tokens/s, not yet measured): fetching wins every decision,
+    # so the fetch path is what this test checks, whatever the load on the machine.
+    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    assert run(cold, prompts) == want                            # blocks from Redis
+    # Prompt 1 loads the 12 prefix blocks; prompts 2 and 3 then hit those locally and load only
+    # their own suffix blocks (full blocks short of the last token: 1 and 2).
+    assert cold_tier.stats.blocks_hit == PREFIX_BLOCKS + 1 + 2
+    assert cold_tier.stats.decisions_fetch == 3 and cold_tier.stats.bytes_read > 0
+    assert cold.engine.kv.prefix_hits >= 3 * PREFIX_BLOCKS * 16
+    cold_tier.close()
+
+
+def test_fp8_blocks_load_and_decode_close_to_the_original(tiny_model_dir, redis_url, reference, prompts):
+    writer, wtier = tier_llm(tiny_model_dir, redis_url=redis_url, encoding="fp8")
+    run(writer, prompts[:1])
+    wtier.writer.flush(timeout_s=60)
+    cold, ctier = tier_llm(tiny_model_dir, redis_url=redis_url, encoding="fp8",
+                           prior_prefill_tokens_per_s=100)
+    got = run(cold, prompts[:1])[0]
+    assert ctier.stats.blocks_hit == PREFIX_BLOCKS
+    # fp8 KV is lossy: greedy tokens may drift late; the first token rests on the whole prefix.
+    assert got[0] == reference(prompts[:1])[0][0]
+    wtier.close()
+    ctier.close()
+
+
+def test_corrupt_block_in_redis_is_detected_and_recomputed(tiny_model_dir, redis_url, warm, reference,
+                                                           prompts):
+    publish(warm, prompts[:1])
+    r = redis.Redis.from_url(redis_url)
+    victim = warm[1].key(block_hashes(prompts[0], 16)[5])        # block 5 of the prefix
+    blob = bytearray(r.get(victim))
+    blob[-1] ^= 0xFF
+    r.set(victim, bytes(blob))
+    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    assert run(cold, prompts[:1]) == reference(prompts[:1])
+    assert cold_tier.stats.blocks_corrupt == 1 and cold_tier.stats.blocks_hit == 5
+    assert r.get(victim) != bytes(blob)                          # deleted (or rewritten since)
+    cold_tier.close()
+
+
+def test_dead_redis_means_recompute_without_errors(tiny_model_dir, reference, prompts):
+    llm, tier = tier_llm(tiny_model_dir, redis_url="redis://127.0.0.1:9/0", socket_timeout_s=0.05,
+                         breaker_failures=2)
+    assert run(llm, prompts) == reference(prompts)
+    tier.writer.flush(timeout_s=60)
+    assert tier.stats.read_bypasses >= 1 and tier.breaker.stats.num_opens >= 1
+    assert tier.stats.blocks_hit == 0
+    tier.close()
+
+
+def test_slow_link_makes_the_cost_model_choose_recompute(tiny_model_dir, redis_url, warm, reference,
+                                                         prompts):
+    publish(warm, prompts[:1])
+    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_bandwidth_bytes_per_s=1e3,
+                               prior_prefill_tokens_per_s=1e6)
+    assert run(cold, prompts[:1]) == reference(prompts[:1])
+    d = cold_tier.last_decision
+    assert d is not None and not d.fetch and d.est_fetch_s > d.est_recompute_s
+    assert cold_tier.stats.blocks_skipped == PREFIX_BLOCKS and cold_tier.stats.blocks_hit == 0
+    cold_tier.close()
+
+
+def test_replica_publishes_its_blocks_to_the_prefix_index(redis_url, warm, prompts):
+    llm, tier = warm
+    publish(warm, prompts[:1])
+    index = PrefixIndex(redis_url, tier.config.index_namespace)
+    found = index.lookup(block_hashes(prompts[1], 16), ["warm", "other"])
+    assert found == {"warm": PREFIX_BLOCKS, "other": 0}
+    index.close()
