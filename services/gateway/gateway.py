@@ -239,6 +239,10 @@ class Gateway(HealthMixin):
         except APIError as e:
             span.set_status(Status(StatusCode.ERROR, e.message))
             grpc_api.set_error(ctx, e)
+            if stream:
+                # Serve forwards a streaming call's context only with a message or an exception
+                # raised after set_code; without this the client would see OK and no messages.
+                raise grpc_api.StreamError(e.message) from None
         finally:
             metrics.REQUESTS.labels("grpc", method, grpc_api.status_name(ctx)).inc()
             span.end()

@@ -17,6 +17,10 @@ from services.gen.inference.v1 import inference_pb2 as pb
 from services.serving.wire import ChoiceDelta, TokenLogprob
 
 
+class StreamError(Exception):
+    """Raised after `set_error` on a streaming call, so Serve's proxy sends the status we set."""
+
+
 def request_dict(msg: Any) -> dict:
     d = MessageToDict(msg, preserving_proto_field_name=True)
     if "prompt_token_ids" in d:

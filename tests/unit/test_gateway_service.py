@@ -189,3 +189,12 @@ async def test_one_trace_across_gateway_replica_engine(stack):
     assert {s.context.trace_id for s in spans.values()} == {0x0af7651916cd43dd8448eb211c80319c}
     assert spans["llm_server.generate"].parent.span_id == spans["gateway.Generate"].context.span_id
     assert spans["engine.decode"].parent.span_id == spans["llm_server.generate"].context.span_id
+
+
+async def test_stream_refusal_raises_after_setting_the_code(stack):
+    from services.gateway.grpc_api import StreamError
+    gw, _ = stack
+    ctx = Ctx()
+    with pytest.raises(StreamError):
+        [m async for m in gw.ChatStream(pb.ChatRequest(model="tiny"), ctx)]
+    assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED
