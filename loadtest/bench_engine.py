@@ -96,8 +96,8 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
                                  "output_tok_per_s": round(n_out / wall, 1)}
     if num_seqs:   # phase profile on a smaller slice of the same workload (synchronising costs a little)
         prof = StepProfiler(engine, sync)
-        prompts, outs = offline_workload(min(num_seqs, 256), vocab, seed=5)
-        llm.generate(prompts, [SamplingParams(temperature=0.6, max_tokens=min(o, 200), ignore_eos=True)
+        prompts, outs = offline_workload(min(num_seqs, 128), vocab, seed=5)
+        llm.generate(prompts, [SamplingParams(temperature=0.6, max_tokens=min(o, 100), ignore_eos=True)
                                for o in outs])
         res["profile"] = prof.summary()
         prof.detach()
@@ -168,11 +168,14 @@ def ensure_tokenizer(path: str | None) -> str:
     return out
 
 
-def run_child(args: list[str]) -> dict:
+def run_child(args: list[str], timeout_s: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, "-m", "loadtest.bench_engine", "--child-out", out, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s: {' '.join(args)}"}
     if proc.returncode != 0:
         return {"error": f"exit code {proc.returncode}: {' '.join(args)}"}
     return json.loads(Path(out).read_text())
@@ -185,6 +188,7 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=None, help="offline workload size (GPU default 256)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--child-timeout", type=float, default=600.0, help="seconds for one model's part")
     ap.add_argument("--out", default=str(REPO / "loadtest" / "results"))
     ap.add_argument("--part", choices=["engine", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -205,9 +209,9 @@ def main() -> None:
     for name in names:
         model_dir = str(CONFIGS / name) if gpu and (CONFIGS / name).is_dir() else name
         common = ["--device", a.device, "--models", model_dir, "--num-seqs", str(num_seqs), "--tokenizer", tokenizer]
-        entry = {"engine": run_child(["--part", "engine", *common])}
+        entry = {"engine": run_child(["--part", "engine", *common], a.child_timeout)}
         if not a.skip_hf:
-            entry["hf"] = run_child(["--part", "hf", *common])
+            entry["hf"] = run_child(["--part", "hf", *common], a.child_timeout)
         results["models"][Path(name).name] = entry
         print(json.dumps({Path(name).name: entry}), flush=True)
     from loadtest.bench_report import write_report  # noqa: PLC0415

@@ -84,6 +84,8 @@ class FlexAttentionBackend(AttentionBackend):
         keys = k_cache.view(1, num_blocks * page, num_kv_heads, head_dim).transpose(1, 2)
         values = v_cache.view(1, num_blocks * page, num_kv_heads, head_dim).transpose(1, 2)
         mask = self.block_mask(meta, num_blocks, page)
+        # The kernel's KV tile must divide the mask's KV block (= the cache block, often 16).
+        opts = {"BLOCK_N": page, "BLOCK_M": 64} if device.type == "cuda" else None
         out = self._fn(device)(padded_q.transpose(1, 2), keys, values, block_mask=mask, scale=scale,
-                               enable_gqa=q.shape[1] != num_kv_heads)           # [B, H, Q, D]
+                               enable_gqa=q.shape[1] != num_kv_heads, kernel_options=opts)   # [B, H, Q, D]
         return out.transpose(1, 2)[row, col]
