@@ -23,9 +23,12 @@ EXPORTER = InMemorySpanExporter()
 
 @pytest.fixture(scope="module", autouse=True)
 def tracer_provider():
-    provider = TracerProvider()
+    # OTel accepts one global provider per process: join the one another test module installed.
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-    trace.set_tracer_provider(provider)   # once per process; later sets are ignored by OTel
     yield
 
 
