@@ -13,6 +13,7 @@ import redis
 
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
+from services.prefix_cache.blob import BlockCodec
 from services.prefix_cache.hashing import block_hashes
 from services.prefix_cache.index import PrefixIndex
 from services.prefix_cache.tier import KVTier
@@ -47,6 +48,32 @@ def warm(tiny_model_dir, redis_url):
     tier.close()
 
 
+@pytest.fixture(scope="module")
+def cold_llm(tiny_model_dir):
+    return LLM(tiny_model_dir, **ENGINE)
+
+
+@pytest.fixture
+def cold(cold_llm):
+    """A cold replica: cold_llm with its prefix cache emptied and a fresh tier attached (one engine
+    build for all the tests; the tier's config varies per test)."""
+    tiers = []
+
+    def attach(**cfg):
+        engine = cold_llm.engine
+        engine.kv.reset_prefix_cache()
+        tier = KVTier(KVTierConfig(**cfg))
+        tier.attach(engine.kv, engine.runner, engine.config)
+        engine.kv_tier = tier
+        tiers.append(tier)
+        return cold_llm, tier
+
+    yield attach
+    cold_llm.engine.kv_tier, cold_llm.engine.kv.on_block_full = None, None
+    for t in tiers:
+        t.close()
+
+
 @pytest.fixture
 def prompts(warm):
     """A 200-token prefix unique to this test, then 3 suffixes of 5, 21 and 40 tokens."""
@@ -63,8 +90,8 @@ def publish(warm, ps):
     return out
 
 
-def test_outputs_identical_off_local_and_from_redis_into_a_cold_engine(tiny_model_dir, redis_url, warm,
-                                                                        reference, prompts):
+def test_outputs_identical_off_local_and_from_redis_into_a_cold_engine(redis_url, warm, cold, reference,
+                                                                        prompts):
     want = reference(prompts)
     llm, tier = warm
     hits_before = llm.engine.kv.prefix_hits
@@ -75,65 +102,59 @@ def test_outputs_identical_off_local_and_from_redis_into_a_cold_engine(tiny_mode
 
     # A slow replica (prefill prior 100 tokens/s, not yet measured): fetching wins every decision,
     # so the fetch path is what this test checks, whatever the load on the machine.
-    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_prefill_tokens_per_s=100)
-    assert run(cold, prompts) == want                            # blocks from Redis
+    llm, cold_tier = cold(redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    assert run(llm, prompts) == want                             # blocks from Redis
     # Prompt 1 loads the 12 prefix blocks; prompts 2 and 3 then hit those locally and load only
     # their own suffix blocks (full blocks short of the last token: 1 and 2).
     assert cold_tier.stats.blocks_hit == PREFIX_BLOCKS + 1 + 2
     assert cold_tier.stats.decisions_fetch == 3 and cold_tier.stats.bytes_read > 0
-    assert cold.engine.kv.prefix_hits >= 3 * PREFIX_BLOCKS * 16
-    cold_tier.close()
+    assert llm.engine.kv.prefix_hits >= 3 * PREFIX_BLOCKS * 16
 
 
-def test_fp8_blocks_load_and_decode_close_to_the_original(tiny_model_dir, redis_url, reference, prompts):
-    writer, wtier = tier_llm(tiny_model_dir, redis_url=redis_url, encoding="fp8")
-    run(writer, prompts[:1])
-    wtier.writer.flush(timeout_s=60)
-    cold, ctier = tier_llm(tiny_model_dir, redis_url=redis_url, encoding="fp8",
-                           prior_prefill_tokens_per_s=100)
-    got = run(cold, prompts[:1])[0]
-    assert ctier.stats.blocks_hit == PREFIX_BLOCKS
+def test_fp8_blocks_load_and_decode_close_to_the_original(redis_url, warm, cold, reference, prompts):
+    # The warm replica writes fp8 this time; blobs describe their encoding, so any reader decodes them.
+    warm[1].codec = BlockCodec(warm[1].codec.layout, warm[1].codec.model_fingerprint, "fp8")
+    try:
+        publish(warm, prompts[:1])
+    finally:
+        warm[1].codec = BlockCodec(warm[1].codec.layout, warm[1].codec.model_fingerprint, "raw")
+    llm, tier = cold(redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    got = run(llm, prompts[:1])[0]
+    assert tier.stats.blocks_hit == PREFIX_BLOCKS
+    assert tier.stats.bytes_read < 0.3 * PREFIX_BLOCKS * llm.engine.runner.kv_bytes_per_block  # fp32 KV
     # fp8 KV is lossy: greedy tokens may drift late; the first token rests on the whole prefix.
     assert got[0] == reference(prompts[:1])[0][0]
-    wtier.close()
-    ctier.close()
 
 
-def test_corrupt_block_in_redis_is_detected_and_recomputed(tiny_model_dir, redis_url, warm, reference,
-                                                           prompts):
+def test_corrupt_block_in_redis_is_detected_and_recomputed(redis_url, warm, cold, reference, prompts):
     publish(warm, prompts[:1])
     r = redis.Redis.from_url(redis_url)
     victim = warm[1].key(block_hashes(prompts[0], 16)[5])        # block 5 of the prefix
     blob = bytearray(r.get(victim))
     blob[-1] ^= 0xFF
     r.set(victim, bytes(blob))
-    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_prefill_tokens_per_s=100)
-    assert run(cold, prompts[:1]) == reference(prompts[:1])
+    llm, cold_tier = cold(redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    assert run(llm, prompts[:1]) == reference(prompts[:1])
     assert cold_tier.stats.blocks_corrupt == 1 and cold_tier.stats.blocks_hit == 5
     assert r.get(victim) != bytes(blob)                          # deleted (or rewritten since)
-    cold_tier.close()
 
 
-def test_dead_redis_means_recompute_without_errors(tiny_model_dir, reference, prompts):
-    llm, tier = tier_llm(tiny_model_dir, redis_url="redis://127.0.0.1:9/0", socket_timeout_s=0.05,
-                         breaker_failures=2)
+def test_dead_redis_means_recompute_without_errors(cold, reference, prompts):
+    llm, tier = cold(redis_url="redis://127.0.0.1:9/0", socket_timeout_s=0.05, breaker_failures=2)
     assert run(llm, prompts) == reference(prompts)
     tier.writer.flush(timeout_s=60)
     assert tier.stats.read_bypasses >= 1 and tier.breaker.stats.num_opens >= 1
     assert tier.stats.blocks_hit == 0
-    tier.close()
 
 
-def test_slow_link_makes_the_cost_model_choose_recompute(tiny_model_dir, redis_url, warm, reference,
-                                                         prompts):
+def test_slow_link_makes_the_cost_model_choose_recompute(redis_url, warm, cold, reference, prompts):
     publish(warm, prompts[:1])
-    cold, cold_tier = tier_llm(tiny_model_dir, redis_url=redis_url, prior_bandwidth_bytes_per_s=1e3,
-                               prior_prefill_tokens_per_s=1e6)
-    assert run(cold, prompts[:1]) == reference(prompts[:1])
+    llm, cold_tier = cold(redis_url=redis_url, prior_bandwidth_bytes_per_s=1e3,
+                          prior_prefill_tokens_per_s=1e6)
+    assert run(llm, prompts[:1]) == reference(prompts[:1])
     d = cold_tier.last_decision
     assert d is not None and not d.fetch and d.est_fetch_s > d.est_recompute_s
     assert cold_tier.stats.blocks_skipped == PREFIX_BLOCKS and cold_tier.stats.blocks_hit == 0
-    cold_tier.close()
 
 
 def test_replica_publishes_its_blocks_to_the_prefix_index(redis_url, warm, prompts):
