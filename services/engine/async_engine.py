@@ -9,6 +9,7 @@ serving layer restarts the replica rather than serve from a broken state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -42,13 +43,14 @@ class EngineDeadError(RuntimeError):
 
 
 _STOP = object()
+logger = logging.getLogger(__name__)
 
 
 class AsyncEngine:
     STUCK_AFTER_S = 60.0   # a step running longer than this marks the loop as stuck
 
-    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config)
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None, kv_tier=None):
+        self.engine = engine or LLMEngine(config, kv_tier=kv_tier)   # [kv-tier] optional KVTier
         self.config = config
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -127,6 +129,8 @@ class AsyncEngine:
         self._inbox.put(_STOP)
         self._wake.set()
         self._thread.join(timeout=10)
+        if self.engine.kv_tier is not None:   # [kv-tier] write what is queued, close connections
+            self.engine.kv_tier.close()
 
     # ---- the loop thread -----------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
@@ -174,4 +178,4 @@ class AsyncEngine:
             self._error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine step failed: {e!r}"))
-            raise
+            logger.exception("engine loop died; every in-flight request was failed")
