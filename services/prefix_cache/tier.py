@@ -268,3 +268,12 @@ class KVTier:
         self.store.close()
         if self.index is not None:
             self.index.close()
+
+
+def kv_tier_for_replica(redis_url: str, namespace: str, replica_id: str, **overrides) -> KVTier | None:
+    """The tier of one serving replica: Redis-backed, publishing the prefix index that the router
+    (services.prefix_cache.router, same `namespace`) reads; None without Redis."""
+    if not redis_url:
+        return None
+    return KVTier(KVTierConfig(redis_url=redis_url, index_namespace=namespace, replica_id=replica_id,
+                               **overrides))

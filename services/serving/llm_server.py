@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.config import StackConfig
 from services.engine.sampling_params import SamplingParams
+from services.prefix_cache.tier import kv_tier_for_replica
 from services.serving.wire import (ChoiceDelta, ErrorInfo, ReplicaChunk, ReplicaRequest, Timing,
                                    TokenLogprob, TopLogprob)
 from services.telemetry import metrics, tracing
@@ -52,7 +53,10 @@ class LLMServer:
         tracing.setup_tracing(config.service_name, config.otel_exporter, config.otel_endpoint)
         self._config = config
         self._model = config.model_name
-        self._engine = load_class(engine_cls)(config.engine)
+        # [kv-tier] Redis KV tier + prefix index for this replica (None without INFER_REDIS_URL);
+        # the namespace is the one the router reads (services/app.py: cfg.model_name).
+        kv_tier = kv_tier_for_replica(config.redis_url, config.model_name, _replica_id())
+        self._engine = load_class(engine_cls)(config.engine, **({"kv_tier": kv_tier} if kv_tier else {}))
         self._tokenizer = getattr(self._engine, "tokenizer", None)
         self._draining = False
         self._collector = metrics.register_engine(self._engine.stats, self._model, _replica_id())
