@@ -1,0 +1,174 @@
+"""What the gateway and Ray Serve add to time-to-first-token, over the engine alone, in one run.
+
+Two measurements, side by side:
+  1. engine alone: AsyncEngine in this process, `generate()` call → first output with a token;
+  2. the stack (LocalStack: Ray, Serve proxies, Gateway, LLMServer with the same engine config),
+     per request over gRPC streaming and over REST SSE: client send → first token message.
+     Each stack request also reports the engine's own arrival → first-token time (timing.queue_s +
+     timing.prefill_s), so the overhead is paired per request: client TTFT − engine TTFT.
+Requests are sequential (one at a time) with the same short prompt, so queueing does not blur
+the overhead. Prints one JSON document (medians and p90 in milliseconds).
+
+    python -m loadtest.bench_gateway                  # tiny bundled model on the CPU, 40 requests each
+    python -m loadtest.bench_gateway --requests 100 --model models/tiny-target --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+def _q(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+    return {"median_ms": round(statistics.median(xs) * 1e3, 3), "p90_ms": round(p90 * 1e3, 3), "n": len(xs)}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> list[float]:
+    from services.engine.async_engine import AsyncEngine
+    from services.engine.config import EngineConfig
+    from services.engine.sampling_params import SamplingParams
+
+    import torch
+    torch.set_num_threads(1)   # what a Ray replica with num_cpus=0 gets (OMP_NUM_THREADS=1): same footing
+    engine = AsyncEngine(EngineConfig(**engine_args))
+    ids = engine.tokenizer.encode(PROMPT)
+
+    async def one() -> float:
+        t0 = time.perf_counter()
+        async for out in engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                         uuid.uuid4().hex):
+            if out.outputs[0].token_ids:
+                t = time.perf_counter() - t0
+                break
+        return t
+
+    async def run() -> list[float]:
+        for _ in range(3):
+            await one()   # warm-up
+        return [await one() for _ in range(n)]
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
+    import grpc
+    import httpx
+
+    from services.gen.inference.v1 import inference_pb2 as pb
+    from services.gen.inference.v1 import inference_pb2_grpc as pbg
+
+    stub = pbg.InferenceStub(grpc.insecure_channel(stack.grpc_target))
+    md = [("authorization", f"Bearer {key}")]
+    req = pb.GenerateRequest(model=model_name, prompt=PROMPT, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    def grpc_one() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ttft = None
+        for msg in stub.GenerateStream(req, metadata=md):
+            if ttft is None and any(c.token_ids for c in msg.choices):
+                ttft = time.perf_counter() - t0
+            last = msg
+        return ttft, last.timing.queue_s + last.timing.prefill_s
+
+    http = httpx.Client(base_url=stack.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+    def rest_one() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ttft = None
+        final = None
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(c.get("text") for c in chunk["choices"]):
+                    ttft = time.perf_counter() - t0
+                if chunk.get("timing"):
+                    final = chunk["timing"]
+        return ttft, final["queue_s"] + final["prefill_s"]
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, fn in (("grpc", grpc_one), ("rest", rest_one)):
+        for _ in range(3):
+            fn()   # warm-up
+        client, engine = zip(*(fn() for _ in range(n)))
+        out[name] = {"client": list(client), "engine": list(engine)}
+    http.close()
+    return out
+
+
+def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
+    from services.config import StackConfig
+    from services.run import LocalStack
+
+    engine_args = {"model": model, "max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8}
+    alone = engine_alone(engine_args, requests, max_tokens)
+
+    keys = Path(tempfile.mkdtemp()) / "keys.json"
+    key = "sk-bench"
+    keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "bench"}]}))
+    cfg = StackConfig.from_args({"model": model, "http_port": _port(), "grpc_port": _port(), "host": "127.0.0.1",
+                                 "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}})
+    stack = LocalStack(cfg, num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False).start()
+    try:
+        via = through_stack(stack, cfg.model_name, key, requests, max_tokens)
+    finally:
+        stack.stop()
+    result: dict[str, Any] = {
+        "benchmark": "gateway_ttft_overhead", "model": model, "requests": requests, "max_tokens": max_tokens,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "engine_alone_ttft": _q(alone),
+    }
+    for name, d in via.items():
+        paired = [c - e for c, e in zip(d["client"], d["engine"])]
+        result[name] = {"client_ttft": _q(d["client"]), "engine_ttft_in_stack": _q(d["engine"]),
+                        "added_ttft_paired": _q(paired),
+                        "added_ttft_vs_engine_alone_median_ms": round(
+                            (statistics.median(d["client"]) - statistics.median(alone)) * 1e3, 3)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REPO / "models" / "tiny-target"))
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    result = run(args.model, args.requests, args.max_tokens)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
