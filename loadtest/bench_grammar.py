@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--compile-specs", type=int, default=30)
+    ap.add_argument("--parts", nargs="+", default=["compile", "masks"], choices=["compile", "masks"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -221,8 +222,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
               "model": a.config or "tiny-target", "vocab_size": info.vocab_size,
               "torch_threads": torch.get_num_threads(),
-              "compile": bench_compile(info, a.compile_specs),
-              "masks": bench_masks(llm, info, a.batches, a.steps)}
+              "compile": bench_compile(info, a.compile_specs) if "compile" in a.parts else None,
+              "masks": bench_masks(llm, info, a.batches, a.steps) if "masks" in a.parts else None}
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:
