@@ -21,7 +21,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from loadtest.report import REQUEST_TYPES, Results, Sample  # noqa: E402
 
 PROTOCOLS = {"rest": "REST", "grpc": "gRPC"}   # entry-name prefix → request type
-DPI = 90
+DPI = 80
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    # A 64-colour palette keeps line plots sharp at about a third of the size (results get committed).
+    from PIL import Image
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
 
 
 def _t0(results: Results) -> float:
@@ -39,6 +49,18 @@ def _pct(s: Sample, pct: str) -> float:
     # Locust writes 0 for every percentile until its window holds two snapshots: no data, not 0 ms.
     value = s.percentiles.get(pct)
     return float("nan") if value is None or not s.percentiles.get("100%") else value
+
+
+def _scale(ax) -> None:
+    """Linear from 0, or logarithmic when a stall dwarfs the rest (then a 0 ms point, tokens that
+    arrived together, is not drawn)."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]
+    positive = [y for y in ys if y > 0]
+    if positive and max(ys) > 20 * max(1.0, sorted(ys)[len(ys) // 2]):
+        ax.set_yscale("log")
+        ax.set_ylim(min(positive) / 1.5, max(ys) * 1.5)
+    else:
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1] * 1.15))   # flat lines stay off the frame
 
 
 def latency_plot(results: Results, kind: str, path: Path, title: str) -> Path | None:
@@ -65,7 +87,7 @@ def latency_plot(results: Results, kind: str, path: Path, title: str) -> Path | 
                 ax.plot(xs, ys, color=colors[scenario], label=scenario, linewidth=1.4)
             ax.set_title(f"{PROTOCOLS[proto]} {kind} p{pct.rstrip('%')}", fontsize=10)
             ax.set_ylabel("ms")
-            ax.set_ylim(0, max(1.0, ax.get_ylim()[1] * 1.15))   # flat lines stay off the frame
+            _scale(ax)
             ax.grid(alpha=0.3)
             if row == len(protocols) - 1:
                 ax.set_xlabel("seconds since start")
@@ -73,8 +95,7 @@ def latency_plot(results: Results, kind: str, path: Path, title: str) -> Path | 
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=min(len(handles), 4))
     fig.suptitle(title, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -112,11 +133,11 @@ def throughput_plot(results: Results, path: Path, title: str) -> Path | None:
         ax.set_xlabel("seconds since start")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        if ax.get_lines():
+            ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -141,11 +162,11 @@ def errors_plot(results: Results, path: Path, title: str) -> Path | None:
         ax.set_xlabel("seconds since start")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

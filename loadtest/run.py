@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-itl-p95-ms", type=float, default=None, help="SLO: p95 inter-token latency of every entry")
     p.add_argument("--slo-error-rate", type=_fraction, default=None, help="SLO: failed/all requests, e.g. 0.01")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--title", default=None, help="title of the plots and summary (default: the run's settings)")
     p.add_argument("--from-csv", type=Path, default=None, metavar="PREFIX",
                    help="no run: report (plots, summary, SLOs) on an earlier run's CSVs, e.g. ones copied "
                         "from the distributed master on Kubernetes (PREFIX_stats.csv ...)")
@@ -134,7 +135,8 @@ def report(args: argparse.Namespace, prefix: Path, results_dir: Path, command: s
     results = read_results(prefix)
     title = f"{args.user} users={args.users} scenario={','.join(args.scenario)} {args.run_time}"
     if args.from_csv is not None:
-        title = f"report of {prefix.name}"
+        title = f"report of {prefix.parent.name}/{prefix.name}"
+    title = args.title or title
     summary = summary_markdown(results)
     if not args.no_plots:
         from loadtest.plots import plot_all   # matplotlib only when plotting
