@@ -63,7 +63,7 @@ class LLMServer:
 
     # ---- the request path -------------------------------------------------------------------
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
-        refusal = self._admit(req)
+        refusal = await self._admit(req)
         if isinstance(refusal, ErrorInfo):
             yield ReplicaChunk(error=refusal)
             return
@@ -110,7 +110,7 @@ class LLMServer:
                         last.metrics.first_scheduled_time - last.metrics.arrival_time)
             span.end()
 
-    def _admit(self, req: ReplicaRequest) -> SamplingParams | ErrorInfo:
+    async def _admit(self, req: ReplicaRequest) -> SamplingParams | ErrorInfo:
         if self._draining:
             metrics.REPLICA_REJECTED.labels(self._model, "draining").inc()
             return ErrorInfo(503, "This replica is shutting down; retry.", retry_after=1.0)
@@ -125,23 +125,21 @@ class LLMServer:
         try:
             params = SamplingParams(**req.sampling)
             if req.structured is not None:
-                params.grammar = self._build_grammar(req.structured)
+                # Compiling can take milliseconds to seconds (cached after): keep the event loop free.
+                params.grammar = await asyncio.to_thread(self._build_grammar, req.structured)
             self._engine.validate(req.prompt_token_ids, params)
-        except ValueError as e:
+        except ValueError as e:   # GrammarError is a ValueError carrying `param`
             metrics.REPLICA_REJECTED.labels(self._model, "invalid").inc()
-            msg = str(e)
-            return ErrorInfo(400, msg, param=msg.split(" ", 1)[0] if " must " in msg else None,
-                             code="invalid_value")
+            msg = getattr(e, "message", None) or str(e)
+            param = getattr(e, "param", None) or (msg.split(" ", 1)[0] if " must " in msg else None)
+            return ErrorInfo(400, msg, param=param, code="invalid_value")
         return params
 
     def _build_grammar(self, structured: dict[str, Any]) -> Any:
         """Compiles the structured-output spec with services.grammar (ValueError → 400)."""
-        try:
-            from services.grammar import build_grammar   # lands with the grammar service
-        except ImportError:
-            raise ValueError(f"{structured['kind']} is not available on this deployment yet "
-                             "(no grammar service); remove it from the request") from None
-        return build_grammar(structured, self._tokenizer)
+        from services.grammar import build_grammar
+        vocab = getattr(getattr(self._engine, "model_config", None), "vocab_size", None)
+        return build_grammar(structured, self._tokenizer, vocab_size=vocab)
 
     def _chunk(self, out: Any, top_n: int | None) -> ReplicaChunk:
         choices = []

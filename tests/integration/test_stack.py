@@ -25,8 +25,6 @@ from services.gen.inference.v1 import inference_pb2_grpc as pbg
 pytestmark = pytest.mark.integration
 KEY, BURST_KEY = "sk-test-acme", "sk-test-burst"
 MODEL = "tiny"
-# Development override while the bundled weights are being trained: a model dir with random weights.
-DEV_MODEL, DEV_LOAD = os.environ.get("STACK_TEST_MODEL"), os.environ.get("STACK_TEST_LOAD_FORMAT", "auto")
 
 
 def _port() -> int:
@@ -37,7 +35,7 @@ def _port() -> int:
 
 @pytest.fixture(scope="session")
 def model_dir(tiny_model_dir):
-    path = DEV_MODEL or tiny_model_dir
+    path = tiny_model_dir
     if not os.path.isfile(os.path.join(path, "config.json")):
         pytest.skip(f"no model at {path} (make models)")
     return path
@@ -53,7 +51,7 @@ def stack(model_dir, redis_url, tmp_path_factory):
     cfg = StackConfig.from_args({
         "model": model_dir, "model_name": MODEL, "host": "127.0.0.1", "http_port": _port(), "grpc_port": _port(),
         "redis_url": redis_url, "api_keys_file": str(keys), "llm_max_queued_requests": 16,
-        "engine_max_num_seqs": 8, "engine_max_model_len": 512, "engine_load_format": DEV_LOAD,
+        "engine_max_num_seqs": 8, "engine_max_model_len": 512,
         "engine_num_kv_blocks": 256})
     stack = LocalStack(cfg, num_cpus=2, log_to_driver=False).start()
     yield stack
@@ -73,7 +71,7 @@ def stub(stack):
 @pytest.fixture(scope="session")
 def offline(model_dir):
     from services.engine.llm import LLM
-    return LLM(model_dir, load_format=DEV_LOAD, max_model_len=512)
+    return LLM(model_dir, max_model_len=512)
 
 
 def engine_stats(stack) -> dict:
@@ -257,3 +255,15 @@ def test_bad_input_and_metrics(stack, oai):
                  "inference_kv_cache_usage_ratio", "inference_prefix_cache_hits_total",
                  "inference_generation_tokens_total"):
         assert name in text, name
+
+
+def test_structured_output_choice_regex_and_bad_grammar(oai, stub):
+    pick = oai.completions.create(model=MODEL, prompt="Answer:", max_tokens=8, temperature=0.8, seed=1,
+                                  extra_body={"choice": ["yes", "no"]})
+    assert pick.choices[0].text in ("yes", "no")
+    digits = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="Code:", max_tokens=8, regex="[0-9]{3}"),
+                           metadata=MD)
+    assert len(digits.choices[0].text) == 3 and digits.choices[0].text.isdigit()
+    r = httpx.post(oai.base_url.join("completions").__str__(), timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, "prompt": "x", "grammar": "root ::= ("})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar", r.text

@@ -18,7 +18,6 @@ from services.gen.inference.v1 import inference_pb2 as pb
 from services.serving.llm_server import LLMServer
 
 pytestmark = pytest.mark.integration
-DEV_MODEL, DEV_LOAD = os.environ.get("STACK_TEST_MODEL"), os.environ.get("STACK_TEST_LOAD_FORMAT", "auto")
 
 
 class Ctx:
@@ -53,12 +52,12 @@ def exporter():
 
 
 async def test_one_trace_gateway_replica_engine(tiny_model_dir, tmp_path, exporter):
-    model = DEV_MODEL or tiny_model_dir
+    model = tiny_model_dir
     if not os.path.isfile(os.path.join(model, "config.json")):
         pytest.skip(f"no model at {model}")
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": "k", "tenant": "acme"}]}))
-    cfg = StackConfig.from_args({"model": model, "api_keys_file": str(keys), "engine_load_format": DEV_LOAD,
+    cfg = StackConfig.from_args({"model": model, "api_keys_file": str(keys),
                                  "engine_max_model_len": 256, "engine_num_kv_blocks": 64})
     server = LLMServer(cfg)   # the default engine class: services.engine.async_engine:AsyncEngine
     try:
