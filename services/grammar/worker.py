@@ -135,8 +135,8 @@ class WorkerPool:
         p = spec.param or spec.kind
         if tag is None:
             raise GrammarTimeoutError(f"{p}: compiling this {spec.kind} took longer than {timeout:g} s and "
-                                      "was stopped; simplify it (fewer or smaller bounded repetitions, "
-                                      "shorter schema)", param=p)
+                                      "was stopped; simplify it: bounded repetitions ({m,n}) and string "
+                                      "maxLength/minLength cost the most with large vocabularies", param=p)
         raise GrammarError(f"{p}: the grammar compiler crashed on this {spec.kind}; simplify it", param=p)
 
     def _retire(self, w: _Worker) -> None:
