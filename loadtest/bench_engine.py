@@ -50,7 +50,8 @@ def fixed_prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[li
 
 # ---- our engine ----------------------------------------------------------------------------------
 def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_batches: list[int],
-                shape: tuple[int, int], dummy: bool) -> dict:
+                shape: tuple[int, int], dummy: bool, save=lambda res: None) -> dict:
+    """`save(res)` is called after each measurement, so a later failure keeps the earlier numbers."""
     import torch  # noqa: PLC0415
     from services.engine.llm import LLM  # noqa: PLC0415
     from services.engine.sampling_params import SamplingParams  # noqa: PLC0415
@@ -79,6 +80,7 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
         res["offline"] = {"num_seqs": num_seqs, "input_tokens": sum(map(len, prompts)), "output_tokens": n_out,
                           "wall_s": round(wall, 3), "output_tok_per_s": round(n_out / wall, 1),
                           "total_tok_per_s": round((n_out + sum(map(len, prompts))) / wall, 1)}
+        save(res)
     # Batch-1 inter-token latency from the engine's own token timestamps.
     itl_in, itl_out = (512, 256) if device == "cuda" else (32, 32)
     o = llm.generate(fixed_prompts(1, itl_in, vocab, seed=2), greedy(itl_out))[0]
@@ -86,6 +88,7 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
     res["itl_b1"] = {"input": itl_in, "output": itl_out,
                      "itl_ms": round(1000 * (m.last_token_time - m.first_token_time) / (itl_out - 1), 3),
                      "ttft_ms": round(1000 * (m.first_token_time - m.arrival_time), 2)}
+    save(res)
     for b in hf_batches:
         prompts = fixed_prompts(b, in_len, vocab, seed=3)
         sync(); t = time.perf_counter()
@@ -94,6 +97,7 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
         n_out = sum(len(x.outputs[0].token_ids) for x in done)
         res[f"hf_shape_b{b}"] = {"batch": b, "input": in_len, "output": out_len, "wall_s": round(wall, 3),
                                  "output_tok_per_s": round(n_out / wall, 1)}
+        save(res)
     if num_seqs:   # phase profile on a smaller slice of the same workload (synchronising costs a little)
         prof = StepProfiler(engine, sync)
         prompts, outs = offline_workload(min(num_seqs, 128), vocab, seed=5)
@@ -175,10 +179,13 @@ def run_child(args: list[str], timeout_s: float) -> dict:
     try:
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s} s: {' '.join(args)}"}
-    if proc.returncode != 0:
-        return {"error": f"exit code {proc.returncode}: {' '.join(args)}"}
-    return json.loads(Path(out).read_text())
+        text = Path(out).read_text()
+        return {**(json.loads(text) if text else {}), "error": f"timed out after {timeout_s} s: {' '.join(args)}"}
+    text = Path(out).read_text()
+    res = json.loads(text) if text else {}
+    if proc.returncode != 0:   # keep what was measured before the failure
+        res["error"] = f"exit code {proc.returncode}: {' '.join(args)}"
+    return res
 
 
 def main() -> None:
@@ -199,9 +206,13 @@ def main() -> None:
     if a.part:                                     # a child: one model, one part
         model_dir = a.models
         dummy = not any(Path(model_dir).glob("*.safetensors"))   # configs alone: random weights
-        res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy) if a.part == "engine" \
-            else hf_part(model_dir, a.device, batches, shape, dummy)
-        Path(a.child_out).write_text(json.dumps(res))
+        def save(res: dict) -> None:
+            Path(a.child_out).write_text(json.dumps(res))
+            print(json.dumps(res), flush=True)
+
+        res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy, save) \
+            if a.part == "engine" else hf_part(model_dir, a.device, batches, shape, dummy)
+        save(res)
         return
     names = a.models.split(",") if a.models else (GPU_MODELS if gpu else [str(TINY)])
     tokenizer = ensure_tokenizer(a.tokenizer)

@@ -40,9 +40,9 @@ class StepProfiler:
             return out
 
         class TimedSampler:
-            def __call__(self_, logits, requests):
+            def __call__(self_, *args, **kwargs):
                 t = perf()
-                out = sampler(logits, requests)
+                out = sampler(*args, **kwargs)
                 cur["sample"] = perf() - t
                 return out
 
