@@ -89,6 +89,7 @@ class GrpcUser(User):
         self.metadata = tuple(md)
         self.model: str | None = None
         self.source: ScenarioSource | None = None
+        self.num_discovery_failures = 0
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -120,6 +121,9 @@ class GrpcUser(User):
 
     def run_scenario(self, scenario: str) -> None:
         if self.source is None and not self._discover():
+            # Back off (greenlet sleep) so a wrong key or URL is not hammered by every user.
+            self.num_discovery_failures += 1
+            time.sleep(min(10.0, 0.5 * 2 ** self.num_discovery_failures))
             return
         req = self.source.build(scenario)
         out = Outcome("gRPC", req, StreamTimer(time.perf_counter()))

@@ -59,6 +59,7 @@ class RestUser(User):
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.model: str | None = None
         self.source: ScenarioSource | None = None
+        self.num_discovery_failures = 0
 
     def on_stop(self) -> None:
         self.session.close()
@@ -91,6 +92,9 @@ class RestUser(User):
 
     def run_scenario(self, scenario: str) -> None:
         if self.source is None and not self._discover():
+            # Back off (greenlet sleep) so a wrong key or URL is not hammered by every user.
+            self.num_discovery_failures += 1
+            time.sleep(min(10.0, 0.5 * 2 ** self.num_discovery_failures))
             return
         req = self.source.build(scenario)
         path = "/v1/chat/completions" if req.kind == "chat" else "/v1/completions"
