@@ -80,6 +80,7 @@ class KVTier:
         self._last_sync = 0.0
         self._evictions_seen: int | None = None
         self._evictions_checked = 0.0
+        self._warm = False
         self._kv = self._runner = self.codec = None
 
     # ---- wiring ------------------------------------------------------------------------------
@@ -109,7 +110,9 @@ class KVTier:
     def after_step(self, scheduled, seconds: float) -> None:
         num_prefill = sum(s.num_new_tokens for s in scheduled if s.num_new_tokens > 1)
         if num_prefill >= _MIN_PREFILL_SAMPLE:
-            self.cost.observe_prefill(sum(s.num_new_tokens for s in scheduled), seconds)
+            if self._warm:
+                self.cost.observe_prefill(sum(s.num_new_tokens for s in scheduled), seconds)
+            self._warm = True   # an engine's first prefill pays one-off allocations: not a sample
         pending, self._pending = self._pending, []
         if pending:
             computed = {b for s in scheduled for b in s.block_ids}

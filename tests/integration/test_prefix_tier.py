@@ -6,6 +6,8 @@ One warm engine (module scope) computes each test's prompts and writes their blo
 test then starts a cold engine. Prompts are random per test, so no test hits another's blocks.
 """
 import random
+import threading
+import time
 import uuid
 
 import pytest
@@ -18,6 +20,7 @@ from services.prefix_cache.hashing import block_hashes
 from services.prefix_cache.index import PrefixIndex
 from services.prefix_cache.tier import KVTier
 from services.prefix_cache.tier_config import KVTierConfig
+from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
 ENGINE = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=256)
@@ -164,3 +167,38 @@ def test_replica_publishes_its_blocks_to_the_prefix_index(redis_url, warm, promp
     found = index.lookup(block_hashes(prompts[1], 16), ["warm", "other"])
     assert found == {"warm": PREFIX_BLOCKS, "other": 0}
     index.close()
+
+
+def test_redis_killed_and_restarted_under_requests(cold, reference):
+    """Redis dies while requests run and comes back empty: every output is still right, and the
+    tier writes again once its breaker has probed the new server."""
+    rng = random.Random(uuid.uuid4().int)
+
+    def fresh():
+        return [[rng.randrange(3, 2000) for _ in range(80)] for _ in range(3)]
+
+    server = RedisServer().start()
+    try:
+        llm, tier = cold(redis_url=server.url, socket_timeout_s=0.1, breaker_failures=2,
+                         breaker_cooldown_s=0.2)
+        ps = fresh()
+        killer = threading.Timer(0.2, server.stop)      # mid-generation
+        killer.start()
+        assert run(llm, ps) == reference(ps)
+        killer.join()
+        ps = fresh()
+        assert run(llm, ps) == reference(ps)             # Redis gone: bypassed, not failed
+        tier.writer.flush(timeout_s=60)
+        assert tier.breaker.stats.num_opens >= 1
+        written = tier.stats.bytes_written
+        server.start()
+        for _ in range(20):                              # the breaker probes after its cool-down
+            ps = fresh()
+            assert run(llm, ps) == reference(ps)
+            tier.writer.flush(timeout_s=60)
+            if tier.stats.bytes_written > written:
+                break
+            time.sleep(0.2)
+        assert tier.stats.bytes_written > written and tier.breaker.state == "closed"
+    finally:
+        server.stop()
