@@ -6,7 +6,7 @@
 Stubs come from services/gen (`make proto`). grpc's gevent integration is switched on before any
 channel exists: Locust's users are greenlets, and without it every blocking gRPC call stalls the
 whole process (FIELD_NOTES: throughput collapses). Metrics mirror the REST user's: "gRPC" per
-request (failures there), "TTFT", "ITL" and "TOKENS/S" named "grpc <scenario>".
+request (failures there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "grpc <scenario>".
 """
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ class GrpcUser(User):
                         out.finish_reason = choice.finish_reason
                 if msg.HasField("usage"):
                     out.prompt_tokens, out.completion_tokens = msg.usage.prompt_tokens, msg.usage.completion_tokens
+                    out.cached_tokens = msg.usage.cached_tokens
         except grpc.RpcError as e:
             out.fail(_rpc_error(e), time.perf_counter())
         if out.error is None:

@@ -5,7 +5,7 @@
 
 Each scenario of loadtest/scenarios is one task, tagged with its name (`--tags` picks them).
 Metrics are Locust entries (see loadtest/scenarios/outcome.py): "REST" per request (failures
-there), "TTFT", "ITL" and "TOKENS/S" named "rest <scenario>". Settings: LOADTEST_* env vars
+there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "rest <scenario>". Settings: LOADTEST_* env vars
 (loadtest/scenarios/settings.py). Imports nothing of the server.
 """
 from __future__ import annotations
@@ -136,6 +136,7 @@ class RestUser(User):
             usage = chunk.get("usage")
             if usage:
                 out.prompt_tokens, out.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                out.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
             for choice in chunk.get("choices") or []:
                 if chat:
                     delta = choice.get("delta") or {}

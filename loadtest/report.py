@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUEST_TYPES = ("REST", "gRPC")
-METRIC_TYPES = ("TTFT", "ITL", "TOKENS/S")
+METRIC_TYPES = ("TTFT", "ITL", "TOKENS/S", "CACHED%")
 PERCENTILES = ("50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%")
 
 
@@ -151,7 +151,7 @@ def summary_markdown(results: Results) -> str:
              "| entry | count | failures | p50 | p95 | p99 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     order = {t: i for i, t in enumerate((*REQUEST_TYPES, *METRIC_TYPES))}
     for e in sorted(results.entries, key=lambda e: (order.get(e.type, 99), e.name)):
-        unit = "tok/s" if e.type == "TOKENS/S" else "ms"
+        unit = {"TOKENS/S": "tok/s", "CACHED%": "% of prompt"}.get(e.type, "ms")
         lines.append(f"| {e.type} {e.name} ({unit}) | {e.count} | {e.failures} | {_fmt(e.p50)} | {_fmt(e.p95)} | "
                      f"{_fmt(e.p99)} |")
     return "\n".join(lines)

@@ -6,6 +6,8 @@ Entries, as (request_type, name, value, length, error):
   ("ITL",  "<rest|grpc> <scenario>", ms, 0, None)                    one per output token after the first
   ("TOKENS/S", "<rest|grpc> <scenario>", tokens/s, tokens, None)     the reply's decode speed; Locust
                                                                      shows it in its "ms" columns
+  ("CACHED%", "<rest|grpc> <scenario>", %, cached tokens, None)      share of the prompt served from
+                                                                     the prefix cache (usage.cached_tokens)
 Latency entries are recorded for successful requests only, so a failing server cannot improve them.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Outcome:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
     finished_at: float | None = None
     error: str | None = None
 
@@ -67,4 +70,6 @@ class Outcome:
         rate = self.timer.tokens_per_s(self.completion_tokens)
         if rate is not None:
             out.append(("TOKENS/S", name, rate, tokens, None))
+        if self.cached_tokens is not None and self.prompt_tokens:
+            out.append(("CACHED%", name, 100.0 * self.cached_tokens / self.prompt_tokens, self.cached_tokens, None))
         return out

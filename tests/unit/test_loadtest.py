@@ -134,7 +134,7 @@ def _outcome(**kw) -> Outcome:
 
 
 def test_a_successful_outcome_becomes_request_ttft_itl_and_rate_entries():
-    out = _outcome(text="hi", finish_reason="length", prompt_tokens=20, completion_tokens=3)
+    out = _outcome(text="hi", finish_reason="length", prompt_tokens=20, completion_tokens=3, cached_tokens=16)
     out.finish(0.31, Budget(1024))
     entries = out.entries()
     kinds = [(e[0], e[1]) for e in entries]
@@ -143,6 +143,7 @@ def test_a_successful_outcome_becomes_request_ttft_itl_and_rate_entries():
     assert ("TTFT", "grpc short_chat") in kinds
     assert [e[2] for e in entries if e[0] == "ITL"] == pytest.approx([50, 50])
     assert [e[2] for e in entries if e[0] == "TOKENS/S"] == pytest.approx([20.0])
+    assert [(e[2], e[3]) for e in entries if e[0] == "CACHED%"] == [(80.0, 16)]
 
 
 def test_failures_record_only_the_request_entry():
