@@ -142,17 +142,15 @@ def report(args: argparse.Namespace, prefix: Path, results_dir: Path, command: s
         from loadtest.plots import plot_all   # matplotlib only when plotting
         made = plot_all(results, results_dir, title)
         summary += "\n\nplots: " + ", ".join(p.name for p in made)
+    slo = SLO(args.slo_ttft_p95_ms, args.slo_itl_p95_ms, args.slo_error_rate)
+    breaches = check_slo(results, slo) if slo.is_set else []
+    if slo.is_set:
+        goals = [f"p95 {k} <= {v:g} ms" for k, v in (("TTFT", slo.ttft_p95_ms), ("ITL", slo.itl_p95_ms))
+                 if v is not None] + ([f"error rate <= {slo.error_rate:.2%}"] if slo.error_rate is not None else [])
+        summary += "\n\n" + ("\n".join(f"SLO MISSED: {b}" for b in breaches) or f"SLO met: {', '.join(goals)}.")
     (results_dir / "summary.md").write_text(f"# {title}\n\n```\n{command}\n```\n\n{summary}\n")
     print(summary)
     print(f"\nresults: {results_dir}")
-    slo = SLO(args.slo_ttft_p95_ms, args.slo_itl_p95_ms, args.slo_error_rate)
-    if not slo.is_set:
-        return 0
-    breaches = check_slo(results, slo)
-    for line in breaches:
-        print(f"SLO MISSED: {line}")
-    if not breaches:
-        print("SLO met.")
     return 1 if breaches else 0
 
 

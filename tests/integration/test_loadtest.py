@@ -118,4 +118,4 @@ def test_headless_load_on_both_users_records_ttft_itl_and_meets_only_sane_slos(s
     again = _loadtest("--from-csv", str(results / "locust"), "--results", str(tmp_path / "again"), "--no-plots",
                       "--slo-ttft-p95-ms", "600000", "--slo-itl-p95-ms", "600000", "--slo-error-rate", "0")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "SLO met." in again.stdout
+    assert "SLO met:" in again.stdout
