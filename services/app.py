@@ -53,7 +53,19 @@ def llm_deployment_options(cfg: StackConfig) -> dict[str, Any]:
 
 
 def build_app_from_config(cfg: StackConfig, engine_cls: Any = DEFAULT_ENGINE) -> Application:
-    llm = serve.deployment(LLMServer).options(**llm_deployment_options(cfg)).bind(cfg, engine_cls)
+    grammar = None
+    if cfg.grammar_replicas > 0:   # 0 = each LLM replica compiles grammars in its own process
+        from services.grammar.service import grammar_deployment
+        grammar = grammar_deployment(cfg.grammar_replicas).bind(
+            model_dirs=[cfg.engine.tokenizer_path], redis_url=cfg.redis_url or None)
+    draft = None
+    if cfg.draft_replicas > 0:
+        if not cfg.draft_model:
+            raise ValueError("INFER_DRAFT_REPLICAS >= 1 needs INFER_DRAFT_MODEL (the draft model directory)")
+        from services.draft.server import build_draft_app
+        draft = build_draft_app(cfg.draft_model, num_replicas=cfg.draft_replicas, device=cfg.engine.device)
+    llm = serve.deployment(LLMServer).options(**llm_deployment_options(cfg)).bind(
+        cfg, engine_cls, grammar_handle=grammar, draft_handle=draft)
     gateway = serve.deployment(serve.ingress(rest_app)(Gateway)).options(
         name="Gateway", num_replicas=cfg.gateway_replicas,
         ray_actor_options={"num_cpus": cfg.gateway_num_cpus},

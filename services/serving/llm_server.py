@@ -49,15 +49,30 @@ def _replica_id() -> str:
 
 
 class LLMServer:
-    def __init__(self, config: StackConfig, engine_cls: Any = DEFAULT_ENGINE) -> None:
+    def __init__(self, config: StackConfig, engine_cls: Any = DEFAULT_ENGINE, grammar_handle: Any = None,
+                 draft_handle: Any = None) -> None:
         tracing.setup_tracing(config.service_name, config.otel_exporter, config.otel_endpoint)
         self._config = config
         self._model = config.model_name
         # [kv-tier] Redis KV tier + prefix index for this replica (None without INFER_REDIS_URL);
         # the namespace is the one the router reads (services/app.py: cfg.model_name).
         kv_tier = kv_tier_for_replica(config.redis_url, config.model_name, _replica_id())
-        self._engine = load_class(engine_cls)(config.engine, **({"kv_tier": kv_tier} if kv_tier else {}))
+        engine_kwargs: dict[str, Any] = {"kv_tier": kv_tier} if kv_tier else {}
+        method = config.engine.speculative_method
+        if method is not None and engine_cls == DEFAULT_ENGINE:
+            # The proposer enters through LLMEngine's Proposer seam; AsyncEngine wraps that engine.
+            from services.draft import build_proposer
+            from services.engine.llm_engine import LLMEngine
+            proposer = build_proposer(method, draft_model=config.draft_model or None, device=config.engine.device,
+                                      draft_handle=draft_handle)
+            engine_kwargs = {"engine": LLMEngine(config.engine, {method: proposer}, kv_tier=kv_tier)}
+        self._engine = load_class(engine_cls)(config.engine, **engine_kwargs)
         self._tokenizer = getattr(self._engine, "tokenizer", None)
+        self._grammar_client = None
+        if grammar_handle is not None:   # compile in the shared GrammarService, else in this process
+            from services.grammar.client import GrammarClient
+            self._grammar_client = GrammarClient(grammar_handle, self._tokenizer,
+                                                 vocab_size=self._engine.model_config.vocab_size)
         self._draining = False
         self._collector = metrics.register_engine(self._engine.stats, self._model, _replica_id())
 
@@ -124,7 +139,9 @@ class LLMServer:
                              code="queue_full", retry_after=1.0)
         try:
             params = SamplingParams(**req.sampling)
-            if req.structured is not None:
+            if req.structured is not None and self._grammar_client is not None:
+                params.grammar = await self._grammar_client.build(req.structured)
+            elif req.structured is not None:
                 # Compiling can take milliseconds to seconds (cached after): keep the event loop free.
                 params.grammar = await asyncio.to_thread(self._build_grammar, req.structured)
             self._engine.validate(req.prompt_token_ids, params)
@@ -133,6 +150,8 @@ class LLMServer:
             msg = getattr(e, "message", None) or str(e)
             param = getattr(e, "param", None) or (msg.split(" ", 1)[0] if " must " in msg else None)
             return ErrorInfo(400, msg, param=param, code="invalid_value")
+        except RuntimeError as e:   # GrammarServiceUnavailable: the compile service is down or slow
+            return ErrorInfo(503, f"Structured output is unavailable right now: {e}", retry_after=1.0)
         return params
 
     def _build_grammar(self, structured: dict[str, Any]) -> Any:
