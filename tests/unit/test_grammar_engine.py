@@ -108,3 +108,18 @@ def test_ids_past_the_tokenizer_are_never_sampled(llm):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=2.0, seed=5, max_tokens=30, grammar=grammar(llm, spec)))
     for o in outs:
         assert all(t < n_tok for t in o.outputs[0].token_ids)
+
+
+def test_speculative_decoding_keeps_grammar_and_greedy_output(llm, tiny_model_dir):
+    from services.draft import build_proposer
+    spec_llm = LLM(tiny_model_dir, proposers={"ngram": build_proposer("ngram")}, num_kv_blocks=256,
+                   block_size=16, speculative_method="ngram", num_speculative_tokens=4,
+                   speculative_adaptive=False)
+    spec = GrammarSpec.regex(r"(ab|cd|[0-9]){1,40}")
+    prompt = ["ab12cd ab12cd ab12cd ab12cd ab12cd ab"]
+    params = lambda g: SamplingParams(temperature=0, max_tokens=24, grammar=g)  # noqa: E731
+    plain = llm.generate(prompt, params(grammar(llm, spec)))[0].outputs[0]
+    fast = spec_llm.generate(prompt, params(grammar(spec_llm, spec)))[0].outputs[0]
+    assert spec_llm.engine.speculator.stats.num_proposed_tokens > 0
+    assert fast.token_ids == plain.token_ids
+    check_finished(spec, fast)
