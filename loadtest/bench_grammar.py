@@ -7,10 +7,11 @@ in the engine beside unconstrained decoding, at batch 1 and 32.
 Compile: N distinct specs per kind (so no cache helps), compiled in-process as a compile worker
 does (xgrammar, one thread); median / p99 milliseconds, plus the cost of shipping a compiled
 grammar (serialize_json + deserialize_json) and of a cache hit.
-Masks: steady-state decoding with `batch` sequences always in flight (a finished sequence is
-replaced at once by a new one with a 4-token prompt); per-step time and output tokens/s with
-every row constrained by a JSON Schema vs no constraint (ignore_eos), and the mask time per step
-(fill on the CPU + apply on the device) from the engine's own metric.
+Masks: steady-state decoding with `batch` sequences always in flight (each runs 48 tokens, then
+is replaced by a new one with a 4-token prompt); per-step time and output tokens/s with every row
+constrained by a JSON Schema (one that cannot complete within 48 tokens, so both modes decode the
+same lengths) vs no constraint, and the mask time per step (fill on the CPU + apply on the device)
+from the engine's own metric.
 `--vocab N` with `--config NAME` (loadtest/configs/NAME, dummy weights) uses a synthetic
 byte-level vocabulary of N tokens (the tiny tokenizer's plus concatenations of its tokens), since
 mask work grows with the vocabulary. Output: JSON (stdout and --out).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
@@ -31,7 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-target"
 CONFIGS = REPO / "loadtest" / "configs"
 
-DECODE_SCHEMA = {"type": "array", "items": {
+# Every sequence runs exactly MAX_TOKENS tokens in both modes (the schema cannot complete sooner:
+# minItems), so both see the same context lengths and replacement prefills; only masks differ.
+MAX_TOKENS = 48
+DECODE_SCHEMA = {"type": "array", "minItems": 64, "items": {
     "type": "object", "properties": {"name": {"type": "string"}, "score": {"type": "number"},
                                      "tags": {"type": "array", "items": {"type": "string"}}},
     "required": ["name", "score", "tags"]}}
@@ -153,7 +158,7 @@ def bench_masks(llm, info, batches: list[int], steps: int) -> dict:
     from services.grammar.matcher import GrammarHandle  # noqa: PLC0415
     from services.grammar.spec import GrammarSpec  # noqa: PLC0415
     handle = GrammarHandle.compile(GrammarSpec.json_schema(DECODE_SCHEMA), info)
-    max_tokens = min(512, llm.engine.max_model_len - 8)
+    max_tokens = MAX_TOKENS
     out = {}
     for b in batches:
         free = steady_state(llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True),
@@ -222,6 +227,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
               "model": a.config or "tiny-target", "vocab_size": info.vocab_size,
               "torch_threads": torch.get_num_threads(),
+              # Step timings on a shared machine are only as good as its idle CPU: keep the load.
+              "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
               "compile": bench_compile(info, a.compile_specs) if "compile" in a.parts else None,
               "masks": bench_masks(llm, info, a.batches, a.steps) if "masks" in a.parts else None}
     text = json.dumps(result, indent=2)
