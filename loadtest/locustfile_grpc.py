@@ -33,6 +33,7 @@ from loadtest.scenarios.outcome import Outcome  # noqa: E402
 
 SETTINGS = Settings.from_env()
 _user_index = itertools.count()
+_random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
 def to_proto(req: ScenarioRequest, model: str):
@@ -98,6 +99,10 @@ class GrpcUser(User):
         self.environment.events.request.fire(request_type=request_type, name=name, response_time=value,
                                              response_length=length, exception=error, context={})
 
+    def _seed(self) -> int:
+        worker_index = getattr(self.environment.runner, "worker_index", 0) or 0   # distributed: one per worker
+        return SETTINGS.user_seed(self.index, worker_index, _random_seed)
+
     def _discover(self) -> bool:
         t0 = time.perf_counter()
         try:
@@ -115,7 +120,7 @@ class GrpcUser(User):
         self._fire("gRPC", "ListModels", (time.perf_counter() - t0) * 1000, 0, None)
         self.model = entry.id
         max_len = SETTINGS.max_model_len or entry.max_model_len or 2048
-        self.source = ScenarioSource(Budget(max_len), SETTINGS.seed + self.index, SETTINGS.max_tokens,
+        self.source = ScenarioSource(Budget(max_len), self._seed(), SETTINGS.max_tokens,
                                      SETTINGS.ignore_eos)
         return True
 

@@ -26,6 +26,7 @@ from loadtest.scenarios.outcome import Outcome  # noqa: E402
 
 SETTINGS = Settings.from_env()
 _user_index = itertools.count()
+_random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -68,6 +69,10 @@ class RestUser(User):
         self.environment.events.request.fire(request_type=request_type, name=name, response_time=value,
                                              response_length=length, exception=error, context={})
 
+    def _seed(self) -> int:
+        worker_index = getattr(self.environment.runner, "worker_index", 0) or 0   # distributed: one per worker
+        return SETTINGS.user_seed(self.index, worker_index, _random_seed)
+
     def _discover(self) -> bool:
         """Model name and context length from GET /v1/models (once per user; retried on failure)."""
         t0 = time.perf_counter()
@@ -86,7 +91,7 @@ class RestUser(User):
         self._fire("REST", "/v1/models", (time.perf_counter() - t0) * 1000, 0, None)
         self.model = entry["id"]
         max_len = SETTINGS.max_model_len or int(entry.get("max_model_len") or 2048)
-        self.source = ScenarioSource(Budget(max_len), SETTINGS.seed + self.index, SETTINGS.max_tokens,
+        self.source = ScenarioSource(Budget(max_len), self._seed(), SETTINGS.max_tokens,
                                      SETTINGS.ignore_eos)
         return True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import subprocess
 import sys
@@ -75,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="fixed reply lengths (not for the JSON scenario)")
     p.add_argument("--think-time", type=float, default=1.0, help="max seconds a user waits between requests")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the prompts (default: a random one, printed; a rerun with the same seed "
+                        "finds its prompts in the server's prefix cache)")
     p.add_argument("--stop-timeout", type=float, default=10.0,
                    help="seconds users get to finish in-flight requests when the run time is up")
     p.add_argument("--slo-ttft-p95-ms", type=float, default=None, help="SLO: p95 TTFT of every entry")
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.user != "rest" and not (REPO / "services" / "gen" / "inference" / "v1" / "inference_pb2.py").is_file():
         print("The gRPC stubs are missing: run `make proto` (or use --user rest).", file=sys.stderr)
         return 2
+    if args.seed is None:   # fresh prompts, so the server's prefix cache holds none of them yet
+        args.seed = random.randrange(1_000_000)
+        invocation += f"  # prompt seed {args.seed}: add --seed {args.seed} to repeat the prompts"
     results_dir = args.results or REPO / "loadtest" / "results" / "tmp" / time.strftime("%Y%m%d-%H%M%S")
     results_dir.mkdir(parents=True, exist_ok=True)
     prefix, html = results_dir / "locust", results_dir / "report.html"

@@ -11,7 +11,9 @@ locustfiles are loaded into one Locust process and must not both register the sa
     LOADTEST_IGNORE_EOS     true = fixed reply lengths (the JSON scenario excepted)
     LOADTEST_THINK_TIME_S   each user waits uniform(0, this) seconds between requests (default 1)
     LOADTEST_TIMEOUT_S      per-request timeout in seconds (default 300)
-    LOADTEST_SEED           base seed of the prompts (default 0; user i uses seed + i)
+    LOADTEST_SEED           base seed of the prompts ("" = a random one per process: a rerun must not
+                            find its prompts in the prefix cache); user i of worker w uses
+                            seed + i + 100000 * w, so distributed workers never duplicate prompts
 """
 from __future__ import annotations
 
@@ -37,10 +39,13 @@ class Settings:
     ignore_eos: bool = False
     think_time_s: float = DEFAULT_THINK_TIME_S
     timeout_s: float = DEFAULT_TIMEOUT_S
-    seed: int = 0
+    seed: int | None = None
 
     def api_key_for(self, user_index: int) -> str | None:
         return self.api_keys[user_index % len(self.api_keys)] if self.api_keys else None
+
+    def user_seed(self, user_index: int, worker_index: int, fallback: int) -> int:
+        return (self.seed if self.seed is not None else fallback) + user_index + 100_000 * worker_index
 
     def to_env(self) -> dict[str, str]:
         """The inverse of `from_env` (what `loadtest.run` exports to the Locust process)."""
@@ -85,4 +90,4 @@ class Settings:
                    grpc_target=target, grpc_app=get("GRPC_APP") or None,
                    max_tokens=number("MAX_TOKENS", int, 1), max_model_len=number("MAX_MODEL_LEN", int, 16),
                    ignore_eos=eos in _TRUE, think_time_s=DEFAULT_THINK_TIME_S if think is None else think,
-                   timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout, seed=0 if seed is None else seed)
+                   timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout, seed=seed)
