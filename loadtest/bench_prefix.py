@@ -13,6 +13,7 @@ over --repeats fresh prefixes (random tokens, so nothing hits by accident).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import shutil
@@ -22,6 +23,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from services.engine.config import TINY_MODEL, EngineConfig
 from services.engine.llm_engine import LLMEngine
@@ -56,7 +59,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.config = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
+        self.config = EngineConfig(model=args.model, tokenizer=args.tokenizer or None,
+                                   load_format=args.load_format, device=args.device,
                                    block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                                    max_num_batched_tokens=max(2048, args.prefix_tokens + 64))
         self._ids = 0
@@ -152,18 +156,34 @@ class Bench:
     def run(self, redis_url: str) -> dict:
         probe = LLMEngine(self.config)
         self.vocab = probe.vocab_size
+        device = str(probe.runner.device)
+        kv_bytes_per_token = probe.runner.kv_bytes_per_block // self.args.block_size
         del probe
-        return {"model": self.args.model, "device": self.args.device, "encoding": self.args.encoding,
-                "prefix_tokens": self.args.prefix_tokens, "suffix_tokens": self.args.suffix_tokens,
-                "block_size": self.args.block_size, "repeats": self.args.repeats,
-                "shared_prefix": self.shared_prefix(redis_url),
-                "zero_hit_overhead": self.zero_hit_overhead(redis_url)}
+        free_engines()
+        result = {"model": self.args.model, "device": device, "encoding": self.args.encoding,
+                  "torch": torch.__version__,
+                  "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                  "kv_bytes_per_token": kv_bytes_per_token,
+                  "prefix_tokens": self.args.prefix_tokens, "suffix_tokens": self.args.suffix_tokens,
+                  "block_size": self.args.block_size, "repeats": self.args.repeats,
+                  "shared_prefix": self.shared_prefix(redis_url)}
+        free_engines()
+        result["zero_hit_overhead"] = self.zero_hit_overhead(redis_url)
+        return result
+
+
+def free_engines() -> None:
+    """Engines of a finished phase hold weights and KV; free them before the next phase builds more."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=TINY_MODEL)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--tokenizer", default="", help="default: the model dir's (dummy configs: models/tiny-target)")
     p.add_argument("--device", default="auto")
     p.add_argument("--redis-url", default="", help="default: start a redis-server on a free port")
     p.add_argument("--encoding", default="raw", choices=["raw", "fp8"])

@@ -196,6 +196,12 @@ class KVTier:
         missing = hashes[num_local:]
         if len(missing) < self.config.min_fetch_blocks:
             return None
+        # If fetching every missing block would not pay, no shorter run would (the round trip's
+        # latency is shared by fewer blocks): decide without asking Redis at all.
+        upper = self.cost.decide(len(missing), self.block_size, self.blob_bytes_per_block)
+        if not upper.fetch:
+            self._decided(request, upper)
+            return upper
         keys = [self.key(h) for h in missing]
         t0 = time.perf_counter()
         present = self.store.try_contains_many(keys)
@@ -208,18 +214,27 @@ class KVTier:
         if run == 0:
             return None
         decision = self.cost.decide(run, self.block_size, self.blob_bytes_per_block)
-        self.last_decision = decision
-        metrics.KV_TIER_DECISIONS.labels(self.name, "fetch" if decision.fetch else "recompute").inc()
-        with start_span("kv_tier.load", attributes={"request_id": request.request_id,
-                                                     **decision.as_attributes()}) as span:
-            if not decision.fetch:
-                self.stats.decisions_recompute += 1
-                self._count_blocks("skipped", run)
-                return decision
-            self.stats.decisions_fetch += 1
-            loaded = self._fetch(hashes[:num_local], missing[:run], keys[:run])
-            span.set_attribute("kv_tier.blocks_loaded", loaded)
+        if not decision.fetch:
+            self._count_blocks("skipped", run)
+            self._decided(request, decision)
+            return decision
+        with self._decided(request, decision) as span:
+            span.set_attribute("kv_tier.blocks_loaded",
+                               self._fetch(hashes[:num_local], missing[:run], keys[:run]))
         return decision
+
+    def _decided(self, request, decision: CostDecision):
+        """Record a decision (stats, metrics, a span with its inputs); returns the span, ended on exit
+        of a `with` block or at once when the caller does not use one."""
+        self.last_decision = decision
+        kind = "fetch" if decision.fetch else "recompute"
+        setattr(self.stats, f"decisions_{kind}", getattr(self.stats, f"decisions_{kind}") + 1)
+        metrics.KV_TIER_DECISIONS.labels(self.name, kind).inc()
+        span = start_span("kv_tier.load", attributes={"inference.request_id": request.request_id,
+                                                       **decision.as_attributes()})
+        if not decision.fetch:
+            span.end()
+        return span
 
     def _fetch(self, prefix: list[bytes], hashes: list[bytes], keys: list[bytes]) -> int:
         t0 = time.perf_counter()
