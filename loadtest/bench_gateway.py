@@ -1,7 +1,9 @@
 """What the gateway and Ray Serve add to time-to-first-token, over the engine alone, in one run.
 
-Two measurements, side by side:
+Three measurements, side by side:
   1. engine alone: AsyncEngine in this process, `generate()` call → first output with a token;
+     interleaved with the same engine behind the Gateway's code in this process (no Ray), which
+     is what our own code (auth, parsing, tokenizing, formatting) adds;
   2. the stack (LocalStack: Ray, Serve proxies, Gateway, LLMServer with the same engine config),
      per request over gRPC streaming and over REST SSE: client send → first token message.
      Each stack request also reports the engine's own arrival → first-token time (timing.queue_s +
@@ -44,7 +46,29 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> list[float]:
+class _Ctx:
+    """The parts of Serve's gRPC context the gateway reads (for the in-process measurement)."""
+
+    def __init__(self, md: list[tuple[str, str]]) -> None:
+        self._md, self._code = md, None
+
+    def invocation_metadata(self):
+        return self._md
+
+    def set_code(self, code) -> None:
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def set_details(self, details) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, md) -> None:
+        self.trailing = md
+
+
+def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> dict[str, list[float]]:
     from services.engine.async_engine import AsyncEngine
     from services.engine.config import EngineConfig
     from services.engine.sampling_params import SamplingParams
@@ -54,24 +78,54 @@ def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> list[f
     engine = AsyncEngine(EngineConfig(**engine_args))
     ids = engine.tokenizer.encode(PROMPT)
 
+    internal: list[float] = []   # the engine's own arrival → first token, as the stack reports it
+
     async def one() -> float:
         t0 = time.perf_counter()
         async for out in engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                                          uuid.uuid4().hex):
             if out.outputs[0].token_ids:
                 t = time.perf_counter() - t0
+                internal.append(out.metrics.first_token_time - out.metrics.arrival_time)
                 break
         return t
 
-    async def run() -> list[float]:
+    # The gateway's own code (auth, parsing, tokenizing, formatting) in this process, no Ray: the
+    # same engine behind an in-process LLMServer, called like Serve's gRPC proxy would.
+    from services.config import StackConfig
+    from services.gateway.gateway import Gateway
+    from services.gateway.service import LocalLLMClient
+    from services.gen.inference.v1 import inference_pb2 as pb
+    from services.serving.llm_server import LLMServer
+
+    cfg = StackConfig.from_args({"model": engine_args["model"], "auth_disabled": True,
+                                 **{f"engine_{k}": v for k, v in engine_args.items()}})
+    server = LLMServer(cfg, engine_cls=lambda _config: engine)
+    gateway = Gateway(cfg, LocalLLMClient(server))
+    req = pb.GenerateRequest(model=cfg.model_name, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                             ignore_eos=True)
+
+    async def via_gateway() -> float:
+        t0 = time.perf_counter()
+        async for msg in gateway.GenerateStream(req, _Ctx([])):
+            if any(c.token_ids for c in msg.choices):
+                return time.perf_counter() - t0
+        raise RuntimeError("no token came back")
+
+    async def run() -> dict[str, list[float]]:
         for _ in range(3):
             await one()   # warm-up
-        return [await one() for _ in range(n)]
+            await via_gateway()
+        alone, gw = [], []
+        for _ in range(n):   # interleaved, so machine load drifts over both alike
+            alone.append(await one())
+            gw.append(await via_gateway())
+        return {"alone": alone, "gateway_in_process": gw, "internal": internal[-n:]}
 
     try:
         return asyncio.run(run())
     finally:
-        engine.shutdown()
+        server.shutdown()
 
 
 def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
@@ -128,7 +182,8 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     from services.run import LocalStack
 
     engine_args = {"model": model, "max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8}
-    alone = engine_alone(engine_args, requests, max_tokens)
+    local = engine_alone(engine_args, requests, max_tokens)
+    alone = local["alone"]
 
     keys = Path(tempfile.mkdtemp()) / "keys.json"
     key = "sk-bench"
@@ -144,11 +199,20 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
         "benchmark": "gateway_ttft_overhead", "model": model, "requests": requests, "max_tokens": max_tokens,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "engine_alone_ttft": _q(alone),
+        # What the paired figures below subtract: the engine's own stamps miss the loop's pickup
+        # and the hand-back to asyncio, which engine-alone TTFT includes.
+        "engine_alone_internal_ttft": _q(local["internal"]),
+        "gateway_in_process_ttft": _q(local["gateway_in_process"]),
+        "gateway_code_added_median_ms": round((statistics.median(local["gateway_in_process"])
+                                               - statistics.median(alone)) * 1e3, 3),
     }
+    pickup = statistics.median(alone) - statistics.median(local["internal"])
     for name, d in via.items():
         paired = [c - e for c, e in zip(d["client"], d["engine"])]
         result[name] = {"client_ttft": _q(d["client"]), "engine_ttft_in_stack": _q(d["engine"]),
                         "added_ttft_paired": _q(paired),
+                        "added_ttft_paired_net_of_engine_pickup_median_ms": round(
+                            (statistics.median(paired) - pickup) * 1e3, 3),
                         "added_ttft_vs_engine_alone_median_ms": round(
                             (statistics.median(d["client"]) - statistics.median(alone)) * 1e3, 3)}
     return result
