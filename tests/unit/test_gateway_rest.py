@@ -21,7 +21,7 @@ async def client(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 512, "max_position_embeddings": 256}))
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": "k", "tenant": "acme"},
-                                         {"key": "q", "tenant": "quota", "rate_limit_tokens_per_s": 1, "burst": 30}]}))
+                                         {"key": "q", "tenant": "quota", "rate_limit_tokens_per_s": 0.01, "burst": 30}]}))
     cfg = StackConfig(model=str(tmp_path), api_keys_file=str(keys), max_body_bytes=4096,
                       engine=StackConfig.from_args({"model": str(tmp_path)}).engine)
     server = LLMServer(cfg, engine_cls=FakeEngine)
