@@ -10,7 +10,6 @@ request (failures there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "grpc <s
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import sys
@@ -30,9 +29,9 @@ except ImportError as e:
     raise ImportError(f"the gRPC stubs are missing ({e}): run `make proto` first") from None
 from loadtest.scenarios import SCENARIOS, Budget, ScenarioRequest, ScenarioSource, Settings, StreamTimer  # noqa: E402
 from loadtest.scenarios.outcome import Outcome  # noqa: E402
+from loadtest.scenarios.settings import next_user_index  # noqa: E402
 
 SETTINGS = Settings.from_env()
-_user_index = itertools.count()
 _random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
@@ -78,7 +77,7 @@ class GrpcUser(User):
         return random.uniform(0, SETTINGS.think_time_s)
 
     def on_start(self) -> None:
-        self.index = next(_user_index)
+        self.index = next_user_index()
         self.channel = grpc.insecure_channel(SETTINGS.grpc_target)
         self.stub = pb_grpc.InferenceStub(self.channel)
         md = []

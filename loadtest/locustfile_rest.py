@@ -10,7 +10,6 @@ there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "rest <scenario>". Setting
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import sys
@@ -23,9 +22,9 @@ from locust import User, tag
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: loadtest.scenarios
 from loadtest.scenarios import SCENARIOS, Budget, ScenarioSource, Settings, StreamTimer  # noqa: E402
 from loadtest.scenarios.outcome import Outcome  # noqa: E402
+from loadtest.scenarios.settings import next_user_index  # noqa: E402
 
 SETTINGS = Settings.from_env()
-_user_index = itertools.count()
 _random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
@@ -52,7 +51,7 @@ class RestUser(User):
         return random.uniform(0, SETTINGS.think_time_s)
 
     def on_start(self) -> None:
-        self.index = next(_user_index)
+        self.index = next_user_index()
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
         key = SETTINGS.api_key_for(self.index)

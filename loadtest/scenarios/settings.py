@@ -17,6 +17,7 @@ locustfiles are loaded into one Locust process and must not both register the sa
 """
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,15 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 DEFAULT_GRPC_TARGET = "127.0.0.1:9000"
 DEFAULT_THINK_TIME_S = 1.0
 DEFAULT_TIMEOUT_S = 300.0
+
+
+# One numbering for every user of this process, whichever locustfile defines its class: a REST user
+# and a gRPC user must not share an index, or they would send the same prompts with the same key.
+_user_indexes = itertools.count()
+
+
+def next_user_index() -> int:
+    return next(_user_indexes)
 
 
 @dataclass(slots=True, frozen=True)
