@@ -10,6 +10,7 @@ request (failures there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "grpc <s
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -71,6 +72,7 @@ def _scenario_task(scenario: str):
 
 
 class GrpcUser(User):
+    _key_indexes = itertools.count()
     tasks = {_scenario_task(name): 1 for name in SCENARIOS}
 
     def wait_time(self) -> float:
@@ -83,7 +85,8 @@ class GrpcUser(User):
         md = []
         if SETTINGS.grpc_app:
             md.append(("application", SETTINGS.grpc_app))   # Ray Serve's gRPC proxy routes on it
-        key = SETTINGS.api_key_for(self.index)
+        # Keys by the class's own count, so each protocol spreads over every tenant.
+        key = SETTINGS.api_key_for(next(self._key_indexes))
         if key:
             md.append(("authorization", f"Bearer {key}"))
         self.metadata = tuple(md)

@@ -10,6 +10,7 @@ there), "TTFT", "ITL", "TOKENS/S" and "CACHED%" named "rest <scenario>". Setting
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -44,6 +45,7 @@ def _scenario_task(scenario: str):
 
 
 class RestUser(User):
+    _key_indexes = itertools.count()
     host = "http://127.0.0.1:8000"
     tasks = {_scenario_task(name): 1 for name in SCENARIOS}
 
@@ -54,7 +56,8 @@ class RestUser(User):
         self.index = next_user_index()
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
-        key = SETTINGS.api_key_for(self.index)
+        # Keys by the class's own count, so each protocol spreads over every tenant.
+        key = SETTINGS.api_key_for(next(self._key_indexes))
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.model: str | None = None
