@@ -3,7 +3,7 @@ LLMServer on the tiny model, real Redis) on free loopback ports, then `python -m
 subprocess (Locust monkey-patches the interpreter, so it never runs inside pytest) with both users,
 two tenants and the mixed scenario.
 
-One short load run (about 12 s) serves every check: the CSV has TTFT and ITL rows for the REST and
+One short load run (10 s) serves every check: the CSV has TTFT and ITL rows for the REST and
 the gRPC user and no failure; the SLO mode exits 1 on an impossible TTFT threshold and 0 (from the
 same CSVs, `--from-csv`) on generous ones.
 """
@@ -84,7 +84,7 @@ def _rows(prefix: Path) -> list[dict]:
 def test_headless_load_on_both_users_records_ttft_itl_and_meets_only_sane_slos(stack, tmp_path):
     results = tmp_path / "results"
     run = _loadtest("--host", stack["host"], "--grpc-target", stack["grpc"], "--api-keys-file", str(stack["keys"]),
-                    "--user", "both", "--users", "4", "--spawn-rate", "4", "--run-time", "12s",
+                    "--user", "both", "--users", "4", "--spawn-rate", "4", "--run-time", "10s", "--stop-timeout", "5",
                     "--scenario", "mixed", "--max-tokens", "8", "--ignore-eos", "--think-time", "0.2",
                     "--results", str(results),
                     # Impossible: no TTFT is under a microsecond. The run must say so and exit 1.
