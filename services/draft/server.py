@@ -22,8 +22,11 @@ from services.draft.protocol import DraftBatch, DraftReply
 ROUTER = "services.draft.router.StickyRouter"
 
 
+# A draft call lasts milliseconds and its caller gives up after its own deadline: no reason to
+# hold a stopping replica for Serve's default 20 s of graceful shutdown.
 @serve.deployment(name="DraftServer", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
-                  request_router_config=RequestRouterConfig(request_router_class=ROUTER))
+                  request_router_config=RequestRouterConfig(request_router_class=ROUTER),
+                  graceful_shutdown_timeout_s=2.0, graceful_shutdown_wait_loop_s=0.5)
 class DraftServer:
     def __init__(self, model_dir: str, device: str = "auto", max_batch_size: int = 64,
                  batch_wait_timeout_s: float = 0.002, **draft_kwargs: Any):

@@ -9,6 +9,7 @@ class SequenceTracker:
     def __init__(self, namespace: str = ""):
         self.namespace = namespace        # keeps sequence ids of different callers apart on a shared draft
         self.sent: dict[str, int] = {}    # request id -> tokens the draft has been sent
+        self.num_lost = 0                 # replies saying the draft had lost a sequence
 
     def seq_id(self, request_id: str) -> str:
         return f"{self.namespace}/{request_id}" if self.namespace else request_id
@@ -25,6 +26,7 @@ class SequenceTracker:
         holds (if it applied the lost call, it simply rolls back further)."""
         if reply.lost:
             self.sent[request_id] = 0
+            self.num_lost += 1
             return None
         self.sent[request_id] = call.prefix_len + len(call.new_token_ids)
         return Proposal(list(reply.token_ids), reply.probs) if reply.token_ids else None

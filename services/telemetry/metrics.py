@@ -178,3 +178,58 @@ GRAMMAR_MASK_SECONDS = Histogram(
 
 def grammar_text() -> bytes:
     return generate_latest(GRAMMAR_REGISTRY)
+
+
+# ---- speculative decoding (issue 5; services/engine/speculator.py, services/draft) -------------
+class SpecStatsCollector:
+    """Reads an engine's speculative-decoding counters (a SpecStats: engine.speculator.stats) at
+    scrape time. `stats_fn` returns None while the engine has no proposer: nothing is exported."""
+
+    def __init__(self, stats_fn: Callable[[], Any], model: str, replica: str) -> None:
+        self._stats_fn = stats_fn
+        self._labels = [model, replica]
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        from prometheus_client.core import SummaryMetricFamily  # noqa: PLC0415
+        s = self._stats_fn()
+        if s is None:
+            return
+        names = ["model", "replica"]
+
+        def family(cls, name: str, doc: str, value: float):
+            f = cls(name, doc, labels=names)
+            f.add_metric(self._labels, float(value))
+            return f
+
+        yield family(CounterMetricFamily, "inference_spec_proposed_tokens",
+                     "Draft tokens (guesses) scored by the target.", s.num_proposed_tokens)
+        yield family(CounterMetricFamily, "inference_spec_accepted_tokens",
+                     "Draft tokens accepted by verification.", s.num_accepted_tokens)
+        yield family(CounterMetricFamily, "inference_spec_emitted_tokens",
+                     "Tokens emitted by verify steps (accepted + corrected/bonus).", s.num_emitted_tokens)
+        yield family(CounterMetricFamily, "inference_spec_verify_steps",
+                     "Sequence-steps that verified draft tokens.", s.num_verify_steps)
+        yield family(GaugeMetricFamily, "inference_spec_acceptance_rate",
+                     "Accepted / proposed draft tokens since start (0..1).", s.acceptance_rate)
+        yield family(GaugeMetricFamily, "inference_spec_mean_accepted_length",
+                     "Accepted draft tokens per verify step since start.", s.mean_accepted_length)
+        lat = SummaryMetricFamily("inference_spec_draft_latency_seconds",
+                                  "Time the engine waited for a proposer per step.", labels=names)
+        lat.add_metric(self._labels, count_value=s.num_draft_calls, sum_value=s.draft_time_s)
+        yield lat
+        yield family(CounterMetricFamily, "inference_spec_fallbacks",
+                     "Proposer calls that failed or timed out (those steps decoded without "
+                     "speculation).", s.num_fallbacks)
+        yield family(CounterMetricFamily, "inference_spec_skipped_steps",
+                     "Steps without speculation because the batch was above the size cap.",
+                     s.num_skipped_steps)
+
+
+def register_spec(stats_fn: Callable[[], Any], model: str, replica: str) -> SpecStatsCollector:
+    """Wire with `lambda: engine.speculator.stats if engine.speculator else None`."""
+    collector = SpecStatsCollector(stats_fn, model, replica)
+    REPLICA_REGISTRY.register(collector)
+    return collector

@@ -245,3 +245,18 @@ def test_per_request_override_and_batch_cap(tiny_model_dir, spec_llms):
         SamplingParams(speculative={"method": "medusa"})
     with pytest.raises(ValueError, match="needs proposers"):
         LLM(tiny_model_dir, speculative_method="ngram", **ENGINE)
+
+
+def test_spec_metrics_exported(spec_llms):
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+    from services.telemetry.metrics import SpecStatsCollector  # noqa: PLC0415
+    llm = spec_llms["draft"]
+    llm.generate(PROMPTS[0], GREEDY)
+    registry = CollectorRegistry()
+    registry.register(SpecStatsCollector(lambda: llm.engine.speculator.stats, "tiny", "r0"))
+    text = generate_latest(registry).decode()
+    s = llm.engine.speculator.stats
+    assert f'inference_spec_accepted_tokens_total{{model="tiny",replica="r0"}} {float(s.num_accepted_tokens)}' in text
+    assert f'inference_spec_draft_latency_seconds_count{{model="tiny",replica="r0"}} {float(s.num_draft_calls)}' in text
+    for name in ("proposed_tokens_total", "acceptance_rate", "mean_accepted_length", "fallbacks_total"):
+        assert f"inference_spec_{name}{{" in text
