@@ -98,8 +98,17 @@ class LocalStack:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Replica processes import `services` from the repo (also when it is not pip-installed).
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver,
-                 ignore_reinit_error=True)
+        for attempt in (1, 2):
+            try:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver,
+                         ignore_reinit_error=True)
+                break
+            except Exception as e:
+                # Ray waits a fixed 30 s for its raylet to register; an overloaded machine can miss
+                # that once. Clean up the half-started node and try again, then give up loudly.
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
         serve.start(http_options={"host": self.cfg.host, "port": self.cfg.http_port},
                     grpc_options=gRPCOptions(port=self.cfg.grpc_port,
                                              grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))

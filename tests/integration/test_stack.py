@@ -51,7 +51,7 @@ def stack(model_dir, redis_url, tmp_path_factory):
     cfg = StackConfig.from_args({
         "model": model_dir, "model_name": MODEL, "host": "127.0.0.1", "http_port": _port(), "grpc_port": _port(),
         "redis_url": redis_url, "api_keys_file": str(keys), "llm_max_queued_requests": 16,
-        "engine_max_num_seqs": 8, "engine_max_model_len": 512,
+        "engine_max_num_seqs": 8, "engine_max_model_len": 1024,
         "engine_num_kv_blocks": 256})
     stack = LocalStack(cfg, num_cpus=2, log_to_driver=False).start()
     yield stack
@@ -71,7 +71,7 @@ def stub(stack):
 @pytest.fixture(scope="session")
 def offline(model_dir):
     from services.engine.llm import LLM
-    return LLM(model_dir, max_model_len=512)
+    return LLM(model_dir, max_model_len=1024)
 
 
 def engine_stats(stack) -> dict:
@@ -79,12 +79,15 @@ def engine_stats(stack) -> dict:
     return serve.get_deployment_handle("LLMServer", app_name="inference").stats.remote().result()
 
 
-def settle(stack, baseline: dict, timeout_s: float = 20.0) -> dict:
-    """Polls the engine until nothing runs or waits (an abort takes effect between steps)."""
+def settle(stack, baseline: dict, timeout_s: float = 30.0) -> dict:
+    """Polls the engine until nothing runs or waits and KV usage is back at `baseline`'s (an abort
+    takes effect between engine steps, after the cancel has crossed proxy, gateway and replica)."""
     deadline = time.monotonic() + timeout_s
     while True:
         s = engine_stats(stack)
-        if (s["num_running"], s["num_waiting"]) == (0, 0) or time.monotonic() > deadline:
+        idle = (s["num_running"], s["num_waiting"]) == (0, 0)
+        if (idle and s["kv_cache_usage"] == baseline.get("kv_cache_usage", s["kv_cache_usage"])) \
+                or time.monotonic() > deadline:
             return s
         time.sleep(0.1)
 
@@ -163,7 +166,8 @@ def test_grpc_unary_stream_chat_models_health(stub, stack, oai):
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 
 
-LONG = dict(model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0, ignore_eos=True)
+# Long enough (about 1000 tokens) that no CPU finishes it before the 1 s deadlines below.
+LONG = dict(model=MODEL, prompt=PROMPT, max_tokens=1000, temperature=0, ignore_eos=True)
 
 
 def test_rest_client_disconnect_aborts_in_engine(stack):
@@ -176,8 +180,8 @@ def test_rest_client_disconnect_aborts_in_engine(stack):
                 pass
             assert engine_stats(stack)["num_running"] == 1
     after = settle(stack, base)
-    assert after["num_running"] == 0 and after["kv_cache_usage"] == base["kv_cache_usage"]
-    assert after["generation_tokens_total"] - base["generation_tokens_total"] < 400
+    assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
+    assert after["generation_tokens_total"] - base["generation_tokens_total"] < 1000
 
 
 def test_grpc_cancel_and_deadline_abort_in_engine(stack, stub):
@@ -186,13 +190,13 @@ def test_grpc_cancel_and_deadline_abort_in_engine(stack, stub):
     next(call)
     call.cancel()
     after = settle(stack, base)
-    assert after["num_running"] == 0 and after["kv_cache_usage"] == base["kv_cache_usage"]
+    assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
     with pytest.raises(grpc.RpcError) as ei:
         stub.Generate(pb.GenerateRequest(**LONG), metadata=MD, timeout=1.0)
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     after = settle(stack, base)
-    assert after["num_running"] == 0 and after["kv_cache_usage"] == base["kv_cache_usage"]
-    assert after["generation_tokens_total"] - base["generation_tokens_total"] < 800
+    assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
+    assert after["generation_tokens_total"] - base["generation_tokens_total"] < 2000
 
 
 def test_rest_deadline_header_aborts_in_engine(stack):
@@ -201,7 +205,7 @@ def test_rest_deadline_header_aborts_in_engine(stack):
                    headers={"Authorization": f"Bearer {KEY}", "x-request-timeout-seconds": "1"})
     assert r.status_code == 408
     after = settle(stack, base)
-    assert after["num_running"] == 0 and after["kv_cache_usage"] == base["kv_cache_usage"]
+    assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
 
 
 def test_auth_on_every_route(stack, stub):
