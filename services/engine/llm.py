@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
         for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
+            sp = dataclasses.replace(sp, output_kind="final_only")   # only finished outputs are read
             self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), sp,
                                     priority=priority[i] if priority else 0)
         done: dict[str, RequestOutput] = {}

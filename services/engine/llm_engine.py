@@ -36,6 +36,7 @@ class RequestGroup:
     pending: list[Request] = field(default_factory=list)
     last_logprob_count: list[int] = field(default_factory=list)
     last_token_count: list[int] = field(default_factory=list)
+    output_kind: str = "cumulative"
 
     @property
     def finished(self) -> bool:
@@ -109,7 +110,8 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                          params.include_stop_str_in_output) for _ in children]
         group = RequestGroup(request_id, text, children, detoks, pending=children[1:],
-                             last_logprob_count=[0] * len(children), last_token_count=[0] * len(children))
+                             last_logprob_count=[0] * len(children), last_token_count=[0] * len(children),
+                             output_kind=params.output_kind)
         self.groups[request_id] = group
         for c in children:
             self.child_to_group[c] = group
@@ -180,10 +182,13 @@ class LLMEngine:
             group = self.child_to_group.get(s.request)
             if group and group.pending and s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_pending(group)
-        outputs = [self._make_output(g) for g in touched.values()]
-        for o in outputs:
-            if o.finished:
-                group = self.groups.pop(o.request_id)
+        outputs = []
+        for group in touched.values():
+            if not group.finished and group.output_kind == "final_only":
+                continue
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self.groups[group.request_id]
                 for c in group.children:
                     self.child_to_group.pop(c, None)
         return outputs
@@ -221,27 +226,30 @@ class LLMEngine:
             self.scheduler.finish(req, status)
 
     def _make_output(self, group: RequestGroup) -> RequestOutput:
+        """Deltas since the previous output; cumulative fields too unless the request streams deltas
+        only ("delta": servers), which spares copying whole outputs every step."""
         outs = []
         for c, detok in zip(group.children, group.detoks):
             finished = c.is_finished
+            cumulative = finished or group.output_kind != "delta"
             n_tok, n_lp = group.last_token_count[c.index], group.last_logprob_count[c.index]
-            out_ids = c.output_token_ids
-            group.last_token_count[c.index] = len(out_ids)
+            group.last_token_count[c.index] = c.num_output_tokens
             delta_lp = None
             if c.logprobs is not None:
                 delta_lp = c.logprobs[n_lp:]
                 group.last_logprob_count[c.index] = len(c.logprobs)
             delta_text = detok.take_delta(finished)
             outs.append(CompletionOutput(
-                index=c.index, text=detok.text if finished else detok.text[:detok.num_emitted],
-                token_ids=out_ids, cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
-                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                index=c.index, text=detok.text[:detok.num_emitted] if cumulative else "",
+                token_ids=c.output_token_ids if cumulative else [],
+                cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
+                logprobs=list(c.logprobs) if c.logprobs is not None and cumulative else None,
                 finish_reason=c.status.value if finished else None, stop_reason=c.stop_reason,
-                delta_text=delta_text, delta_token_ids=out_ids[n_tok:], delta_logprobs=delta_lp))
+                delta_text=delta_text, delta_token_ids=c.token_ids[c.num_prompt_tokens + n_tok:],
+                delta_logprobs=delta_lp))
         first = group.children[0]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs,
-                             finished=all(c.is_finished for c in group.children) and not group.pending,
-                             metrics=first.metrics)
+                             finished=group.finished, metrics=first.metrics)
 
     # ---- stats -------------------------------------------------------------------------------
     @property

@@ -34,6 +34,9 @@ class SamplingParams:
     mirostat_mode: int = 0            # 0 off, 1 Mirostat v1, 2 Mirostat v2
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    # What each streamed output carries: "cumulative" (text/token_ids so far, plus deltas), "delta"
+    # (deltas only until the last output), "final_only" (one output at the end).
+    output_kind: str = "cumulative"
     # Structured output: an object with `new_matcher()` (services.grammar) or None. Opaque to the sampler.
     grammar: Any = None
     # Speculative decoding override: {"enabled": bool, "method": "ngram"|"draft", "num_speculative_tokens":
@@ -75,6 +78,8 @@ class SamplingParams:
         need(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
              "logprobs", f"None or an integer in [0, {self.MAX_LOGPROBS}]")
         need(self.mirostat_mode in (0, 1, 2), "mirostat_mode", "0, 1 or 2")
+        need(self.output_kind in ("cumulative", "delta", "final_only"), "output_kind",
+             '"cumulative", "delta" or "final_only"')
         need(self.mirostat_tau > 0.0, "mirostat_tau", "> 0")
         need(0.0 < self.mirostat_eta <= 1.0, "mirostat_eta", "in (0, 1]")
         need(self.seed is None or isinstance(self.seed, int), "seed", "None or an integer")

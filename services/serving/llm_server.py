@@ -138,7 +138,7 @@ class LLMServer:
             return ErrorInfo(429, f"The replica's queue is full ({limit} waiting requests); retry later.",
                              code="queue_full", retry_after=1.0)
         try:
-            params = SamplingParams(**req.sampling)
+            params = SamplingParams(**req.sampling, output_kind="delta")   # the wire carries deltas only
             if req.structured is not None and self._grammar_client is not None:
                 params.grammar = await self._grammar_client.build(req.structured)
             elif req.structured is not None:
