@@ -14,6 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the servers tests start
+
+
+def pytest_configure(config):
+    # The tiny model's ops are small: on a 2-core runner shared with Ray replicas and servers,
+    # one intra-op thread is faster than two fighting over the cores.
+    import torch  # noqa: PLC0415
+    torch.set_num_threads(1)
 
 
 def free_port() -> int:
