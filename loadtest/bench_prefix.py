@@ -69,7 +69,8 @@ class Bench:
         kv_tier = KVTier(KVTierConfig(redis_url=redis_url, encoding=self.args.encoding, **tier)) \
             if redis_url else None
         e = LLMEngine(self.config, kv_tier=kv_tier)
-        self.ttft(e, self.tokens(64))     # warm-up: first forward passes allocate and compile
+        for _ in range(2):   # warm-up: first passes allocate (and compile); the second is a speed sample
+            self.ttft(e, self.tokens(64))
         return e
 
     def tokens(self, n: int) -> list[int]:
