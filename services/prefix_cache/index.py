@@ -36,8 +36,8 @@ class PrefixIndex:
                  max_lookup_blocks: int = 4096) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
-        if not namespace or ":" in namespace:
-            raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
+        if not namespace:
+            raise ValueError("PrefixIndex namespace must be a non-empty string (e.g. the model name)")
         self.url = url
         self.namespace = namespace
         self.ttl_s = ttl_s

@@ -68,4 +68,4 @@ def test_unreachable_index_raises_tier_unavailable():
     with pytest.raises(TierUnavailableError):
         idx.lookup([b"x" * 16], ["r1"])
     with pytest.raises(ValueError, match="namespace"):
-        PrefixIndex("redis://127.0.0.1:1/0", namespace="a:b")
+        PrefixIndex("redis://127.0.0.1:1/0", namespace="")
