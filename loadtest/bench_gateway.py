@@ -167,7 +167,21 @@ def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int
                     final = chunk["timing"]
         return ttft, final["queue_s"] + final["prefill_s"]
 
-    out: dict[str, dict[str, list[float]]] = {}
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # Ray Serve's own cost per hop, with no engine work: proxy → gateway (ListModels, /health) and
+    # proxy → gateway → LLM replica (/ready).
+    hops = {"grpc_proxy_gateway": lambda: stub.ListModels(pb.ListModelsRequest(), metadata=md),
+            "rest_proxy_gateway": lambda: http.get("/health"),
+            "rest_proxy_gateway_replica": lambda: http.get("/ready")}
+    out: dict[str, dict[str, list[float]]] = {"hops": {}}
+    for name, fn in hops.items():
+        for _ in range(3):
+            fn()
+        out["hops"][name] = [timed(fn) for _ in range(n)]
     for name, fn in (("grpc", grpc_one), ("rest", rest_one)):
         for _ in range(3):
             fn()   # warm-up
@@ -207,6 +221,7 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
                                                - statistics.median(alone)) * 1e3, 3),
     }
     pickup = statistics.median(alone) - statistics.median(local["internal"])
+    result["serve_round_trip_no_engine"] = {k: _q(v) for k, v in via.pop("hops").items()}
     for name, d in via.items():
         paired = [c - e for c, e in zip(d["client"], d["engine"])]
         result[name] = {"client_ttft": _q(d["client"]), "engine_ttft_in_stack": _q(d["engine"]),
