@@ -75,6 +75,9 @@ class LLMServer:
                                                  vocab_size=self._engine.model_config.vocab_size)
         self._draining = False
         self._collector = metrics.register_engine(self._engine.stats, self._model, _replica_id())
+        inner = getattr(self._engine, "engine", None)   # AsyncEngine wraps the LLMEngine
+        if getattr(inner, "speculator", None) is not None:
+            self._spec_collector = metrics.register_spec(lambda: inner.speculator.stats, self._model, _replica_id())
 
     # ---- the request path -------------------------------------------------------------------
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
@@ -138,7 +141,8 @@ class LLMServer:
             return ErrorInfo(429, f"The replica's queue is full ({limit} waiting requests); retry later.",
                              code="queue_full", retry_after=1.0)
         try:
-            params = SamplingParams(**req.sampling, output_kind="delta")   # the wire carries deltas only
+            params = SamplingParams(**req.sampling, speculative=req.speculative,
+                                    output_kind="delta")   # the wire carries deltas only
             if req.structured is not None and self._grammar_client is not None:
                 params.grammar = await self._grammar_client.build(req.structured)
             elif req.structured is not None:
