@@ -23,10 +23,10 @@ RESULTS = REPO / "loadtest" / "results"
 
 PARTS: dict[str, list[str]] = {
     "engine": ["loadtest.bench_engine", "--device", "cpu"],
-    "gateway": ["loadtest.bench_gateway", "--out", str(RESULTS / "gateway_cpu.json")],
+    "gateway": ["loadtest.bench_gateway", "--out", str(RESULTS / "bench_gateway_cpu.json")],
     "grammar": ["loadtest.bench_grammar", "--out", str(RESULTS / "grammar_cpu.json")],
     "prefix": ["loadtest.bench_prefix", "--out", str(RESULTS / "prefix_cpu.json")],
-    "spec": ["loadtest.bench_spec", "--device", "cpu", "--out", str(RESULTS / "spec_cpu.json")],
+    "spec": ["loadtest.bench_spec", "--device", "cpu", "--out", str(RESULTS / "bench_spec_cpu.json")],
 }
 
 
