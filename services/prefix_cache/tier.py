@@ -119,19 +119,24 @@ class KVTier:
             # Only blocks this step computed and that still carry their hash hold the KV we name.
             valid = [(b, h) for b, h in pending
                      if b in computed and self._kv.blocks[b].block_hash == h]
-            fresh = [(b, h) for b, h in valid if h not in self._known]
-            if fresh:
-                data = self._runner.export_blocks([b for b, _ in fresh])   # [N, L, 2, bs, h, d]
-                self.stats.blocks_exported += len(fresh)
-                for (_, h), block in zip(fresh, data):
-                    self._remember(h)
-                    if not self.writer.submit(("kv", h, block)):
-                        metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc()
+            if self.config.write_policy == "computed":
+                self._export([(b, h) for b, h in valid if h not in self._known])
             if self.index is not None:
                 self.writer.submit(("index", [h for _, h in valid], None))
         if self.index is not None and time.monotonic() - self._last_sync > self.config.index_sync_interval_s:
             self._last_sync = time.monotonic()
             self.writer.submit(("sync", list(self._kv.cached), None))
+
+    def _export(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Copy the blocks' KV out of the cache (one gather) and queue them for the writer."""
+        if not blocks:
+            return
+        data = self._runner.export_blocks([b for b, _ in blocks])   # [N, L, 2, bs, h, d]
+        self.stats.blocks_exported += len(blocks)
+        for (_, h), block in zip(blocks, data):
+            self._remember(h)
+            if not self.writer.submit(("kv", h, block)):
+                metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc()
 
     def _write(self, items: list) -> None:
         """The writer thread: encode and write blocks in one pipeline; update the index."""
@@ -193,6 +198,10 @@ class KVTier:
         kv = self._kv
         hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
         num_local = leading_hits([h in kv.cached for h in hashes])
+        if self.config.write_policy == "reused" and num_local:
+            # Write on first reuse: these cached blocks just proved useful. Cached blocks are never
+            # written again, so their KV is valid until they are evicted (not before this returns).
+            self._export([(kv.cached[h].block_id, h) for h in hashes[:num_local] if h not in self._known])
         missing = hashes[num_local:]
         if len(missing) < self.config.min_fetch_blocks:
             return None

@@ -21,6 +21,10 @@ class KVTierConfig:
     max_queue_blocks: int = 512         # the writer's queue; beyond it, writes are dropped
     max_batch_blocks: int = 32          # blocks per pipelined write
     min_fetch_blocks: int = 1           # shorter missing runs are recomputed without asking
+    # Which blocks go to the tier: "computed" = every full block this replica computes (a cold replica
+    # can load anything); "reused" = a block on its first local prefix hit (writes only what has
+    # proved shared; nothing at 0% hits).
+    write_policy: str = "computed"
     fetch_margin: float = 1.2           # fetch only if estimated fetch time * margin < recompute
     prior_prefill_tokens_per_s: float = 5_000.0   # until this replica has measured its own
     prior_bandwidth_bytes_per_s: float = 1e9
@@ -44,6 +48,7 @@ class KVTierConfig:
         need(self.max_queue_blocks >= 1 and self.max_batch_blocks >= 1, "max_queue_blocks",
              ">= 1 (and max_batch_blocks >= 1)")
         need(self.min_fetch_blocks >= 1, "min_fetch_blocks", ">= 1")
+        need(self.write_policy in ("computed", "reused"), "write_policy", '"computed" or "reused"')
         need(not self.index_namespace or bool(self.replica_id), "replica_id",
              "set when index_namespace is set")
 

@@ -204,3 +204,16 @@ def test_redis_killed_and_restarted_under_requests(cold, reference):
         assert tier.stats.bytes_written > written and tier.breaker.state == "closed"
     finally:
         server.stop()
+
+
+def test_write_on_first_reuse_writes_only_shared_blocks(redis_url, cold, reference, prompts):
+    llm, writer = cold(redis_url=redis_url, write_policy="reused")
+    run(llm, prompts[:1])
+    writer.writer.flush(timeout_s=60)
+    assert writer.stats.blocks_exported == 0 and writer.stats.bytes_written == 0   # nothing reused yet
+    run(llm, prompts[1:2])                        # hits the shared prefix: now it is worth sharing
+    writer.writer.flush(timeout_s=60)
+    assert writer.stats.blocks_exported == PREFIX_BLOCKS and writer.stats.bytes_written > 0
+    llm, reader = cold(redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    assert run(llm, prompts[:1]) == reference(prompts[:1])
+    assert reader.stats.blocks_hit == PREFIX_BLOCKS

@@ -43,6 +43,8 @@ def test_config_errors_name_the_field():
         KVTierConfig(encoding="int4")
     with pytest.raises(ValueError, match="redis_url"):
         KVTierConfig(redis_url="localhost:6379")
+    with pytest.raises(ValueError, match="write_policy"):
+        KVTierConfig(write_policy="never")
     with pytest.raises(ValueError, match="replica_id"):
         KVTierConfig(index_namespace="llm")
     assert KVTierConfig().tier_name == "memory"
