@@ -79,10 +79,11 @@ class Scheduler:
             if num_new <= 0:
                 continue
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.running[-1]    # lowest priority, latest arrival
+                # The lowest-priority, latest request: never one already scheduled this step (running
+                # is sorted and walked in order), so no block registered this step loses its KV.
+                victim = self.running[-1]
+                assert victim.request_id not in chosen
                 self._preempt(victim, out)
-                if victim.request_id in chosen:
-                    budget += chosen.pop(victim.request_id).num_new_tokens
                 if victim is req:
                     break
             else:
