@@ -26,13 +26,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 APP = "draft-test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def serve_draft(tiny_draft_dir):

@@ -61,14 +61,6 @@ class OverconfidentDraft(Proposer):
         self.inner.release(request_ids)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU ops: two intra-op threads on a busy 2-core machine wait on each other (8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):

@@ -72,14 +72,6 @@ def run_verify(spec: Speculator, req: Request, proposal: Proposal) -> list[int]:
     return emitted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny ops: with 2 threads on a busy 2-core machine each waits on the other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture()
 def spec() -> Speculator:
