@@ -6,7 +6,6 @@ message that says what to change. Whatever slips through is stopped by the compi
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from deploylib import CHART, K8S, REPO, kustomize, load_values, render, validate_all
+from deploylib import CHART, K8S, kustomize, load_values, render, validate_all
 
 OVERLAYS = {"gpu": "values-gpu.yaml", "dev-cpu": "values-dev-cpu.yaml"}
 

@@ -8,7 +8,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from services.draft.remote import RemoteDraftProposer
 from services.draft.server import build_draft_app

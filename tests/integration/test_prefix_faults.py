@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import redis
 import torch
 
 from services.prefix_cache.blob import BlockCodec, KVLayout
