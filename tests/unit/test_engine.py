@@ -197,3 +197,20 @@ def test_sampling_suite_runs_end_to_end(llm, sp):
     if sp.get("logprobs"):
         assert len(out.logprobs) == len(out.token_ids)
         assert all(len(lp) >= 3 and out.token_ids[i] in lp for i, lp in enumerate(out.logprobs))
+
+
+@pytest.mark.parametrize("kind", ["delta", "final_only"])
+def test_output_kinds(llm, kind):
+    e = llm.engine
+    e.add_request("k", "def main():\n", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=kind))
+    outs = []
+    while e.has_unfinished_requests():
+        outs += e.step()
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "length" and len(final.token_ids) == 12
+    if kind == "final_only":
+        assert len(outs) == 1 and final.delta_token_ids == final.token_ids
+    else:
+        assert len(outs) == 12 and all(o.outputs[0].token_ids == [] for o in outs[:-1])
+        assert sum((o.outputs[0].delta_token_ids for o in outs), []) == final.token_ids
+        assert "".join(o.outputs[0].delta_text for o in outs) == final.text
