@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,12 @@ try:
     from services.gen.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc  # noqa: E402
 except ImportError as e:
     raise ImportError(f"the gRPC stubs are missing ({e}): run `make proto` first") from None
-from loadtest.scenarios import SCENARIOS, Budget, ScenarioRequest, ScenarioSource, Settings, StreamTimer  # noqa: E402
+from loadtest.scenarios import ScenarioRequest, Settings  # noqa: E402
 from loadtest.scenarios.outcome import Outcome  # noqa: E402
 from loadtest.scenarios.settings import next_user_index  # noqa: E402
+from loadtest.scenarios.user import ScenarioUser, scenario_tasks  # noqa: E402
 
 SETTINGS = Settings.from_env()
-_random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
 def to_proto(req: ScenarioRequest, model: str):
@@ -64,22 +63,13 @@ def _rpc_error(e: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}: {details}"[:300]
 
 
-def _scenario_task(scenario: str):
-    def run(user: "GrpcUser") -> None:
-        user.run_scenario(scenario)
-    run.__name__ = scenario
-    return tag(scenario)(run)
-
-
-class GrpcUser(User):
+class GrpcUser(ScenarioUser, User):
     _key_indexes = itertools.count()
-    tasks = {_scenario_task(name): 1 for name in SCENARIOS}
-
-    def wait_time(self) -> float:
-        return random.uniform(0, SETTINGS.think_time_s)
+    tasks = scenario_tasks(tag)
+    protocol, discovery_name, settings = "gRPC", "ListModels", SETTINGS
 
     def on_start(self) -> None:
-        self.index = next_user_index()
+        self._start(next_user_index())
         self.channel = grpc.insecure_channel(SETTINGS.grpc_target)
         self.stub = pb_grpc.InferenceStub(self.channel)
         md = []
@@ -90,50 +80,18 @@ class GrpcUser(User):
         if key:
             md.append(("authorization", f"Bearer {key}"))
         self.metadata = tuple(md)
-        self.model: str | None = None
-        self.source: ScenarioSource | None = None
-        self.num_discovery_failures = 0
 
     def on_stop(self) -> None:
         self.channel.close()
 
-    def _fire(self, request_type: str, name: str, value: float, length: int, error: Exception | None) -> None:
-        self.environment.events.request.fire(request_type=request_type, name=name, response_time=value,
-                                             response_length=length, exception=error, context={})
+    def _list_models(self) -> list[tuple[str, int | None]]:
+        models = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=30).models
+        return [(m.id, m.max_model_len or None) for m in models]
 
-    def _seed(self) -> int:
-        worker_index = getattr(self.environment.runner, "worker_index", 0) or 0   # distributed: one per worker
-        return SETTINGS.user_seed(self.index, worker_index, _random_seed)
+    def _discovery_error(self, e: Exception) -> Exception:
+        return RuntimeError(_rpc_error(e)) if isinstance(e, grpc.RpcError) else e
 
-    def _discover(self) -> bool:
-        t0 = time.perf_counter()
-        try:
-            models = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=30).models
-            if not models:
-                raise RuntimeError("ListModels returned no model")
-            entry = next((m for m in models if m.id == SETTINGS.model), None) if SETTINGS.model else models[0]
-            if entry is None:
-                raise RuntimeError(f"LOADTEST_MODEL={SETTINGS.model!r} is not served; the server has "
-                                   f"{[m.id for m in models]}")
-        except Exception as e:   # recorded as a failure, the user retries at its next task
-            err = RuntimeError(_rpc_error(e)) if isinstance(e, grpc.RpcError) else e
-            self._fire("gRPC", "ListModels", (time.perf_counter() - t0) * 1000, 0, err)
-            return False
-        self._fire("gRPC", "ListModels", (time.perf_counter() - t0) * 1000, 0, None)
-        self.model = entry.id
-        max_len = SETTINGS.max_model_len or entry.max_model_len or 2048
-        self.source = ScenarioSource(Budget(max_len), self._seed(), SETTINGS.max_tokens,
-                                     SETTINGS.ignore_eos)
-        return True
-
-    def run_scenario(self, scenario: str) -> None:
-        if self.source is None and not self._discover():
-            # Back off (greenlet sleep) so a wrong key or URL is not hammered by every user.
-            self.num_discovery_failures += 1
-            time.sleep(min(10.0, 0.5 * 2 ** self.num_discovery_failures))
-            return
-        req = self.source.build(scenario)
-        out = Outcome("gRPC", req, StreamTimer(time.perf_counter()))
+    def _stream(self, req: ScenarioRequest, out: Outcome) -> None:
         chat = req.kind == "chat"
         method = self.stub.ChatStream if chat else self.stub.GenerateStream
         try:
@@ -149,9 +107,3 @@ class GrpcUser(User):
                     out.cached_tokens = msg.usage.cached_tokens
         except grpc.RpcError as e:
             out.fail(_rpc_error(e), time.perf_counter())
-        if out.error is None:
-            out.finish(time.perf_counter(), self.source.budget)
-        else:
-            req.record_reply(None)
-        for entry in out.entries():
-            self._fire(*entry)

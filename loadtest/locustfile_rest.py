@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -21,12 +20,12 @@ import requests
 from locust import User, tag
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: loadtest.scenarios
-from loadtest.scenarios import SCENARIOS, Budget, ScenarioSource, Settings, StreamTimer  # noqa: E402
+from loadtest.scenarios import ScenarioRequest, Settings  # noqa: E402
 from loadtest.scenarios.outcome import Outcome  # noqa: E402
 from loadtest.scenarios.settings import next_user_index  # noqa: E402
+from loadtest.scenarios.user import ScenarioUser, scenario_tasks  # noqa: E402
 
 SETTINGS = Settings.from_env()
-_random_seed = random.randrange(2**31)   # used when LOADTEST_SEED is not set
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -37,75 +36,32 @@ def _error_text(resp: requests.Response) -> str:
         return f"HTTP {resp.status_code}: {resp.text[:200]}"
 
 
-def _scenario_task(scenario: str):
-    def run(user: "RestUser") -> None:
-        user.run_scenario(scenario)
-    run.__name__ = scenario
-    return tag(scenario)(run)
-
-
-class RestUser(User):
+class RestUser(ScenarioUser, User):
     _key_indexes = itertools.count()
     host = "http://127.0.0.1:8000"
-    tasks = {_scenario_task(name): 1 for name in SCENARIOS}
-
-    def wait_time(self) -> float:
-        return random.uniform(0, SETTINGS.think_time_s)
+    tasks = scenario_tasks(tag)
+    protocol, discovery_name, settings = "REST", "/v1/models", SETTINGS
 
     def on_start(self) -> None:
-        self.index = next_user_index()
+        self._start(next_user_index())
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
         # Keys by the class's own count, so each protocol spreads over every tenant.
         key = SETTINGS.api_key_for(next(self._key_indexes))
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
-        self.model: str | None = None
-        self.source: ScenarioSource | None = None
-        self.num_discovery_failures = 0
 
     def on_stop(self) -> None:
         self.session.close()
 
-    def _fire(self, request_type: str, name: str, value: float, length: int, error: Exception | None) -> None:
-        self.environment.events.request.fire(request_type=request_type, name=name, response_time=value,
-                                             response_length=length, exception=error, context={})
+    def _list_models(self) -> list[tuple[str, int | None]]:
+        resp = self.session.get(self.host.rstrip("/") + "/v1/models", timeout=30)
+        if resp.status_code != 200:
+            raise RuntimeError(_error_text(resp))
+        return [(m["id"], int(m["max_model_len"]) if m.get("max_model_len") else None) for m in resp.json()["data"]]
 
-    def _seed(self) -> int:
-        worker_index = getattr(self.environment.runner, "worker_index", 0) or 0   # distributed: one per worker
-        return SETTINGS.user_seed(self.index, worker_index, _random_seed)
-
-    def _discover(self) -> bool:
-        """Model name and context length from GET /v1/models (once per user; retried on failure)."""
-        t0 = time.perf_counter()
-        try:
-            resp = self.session.get(self.host.rstrip("/") + "/v1/models", timeout=30)
-            if resp.status_code != 200:
-                raise RuntimeError(_error_text(resp))
-            models = resp.json()["data"]
-            entry = next((m for m in models if m["id"] == SETTINGS.model), None) if SETTINGS.model else models[0]
-            if entry is None:
-                raise RuntimeError(f"LOADTEST_MODEL={SETTINGS.model!r} is not served; the server has "
-                                   f"{[m['id'] for m in models]}")
-        except Exception as e:   # recorded as a failure, the user retries at its next task
-            self._fire("REST", "/v1/models", (time.perf_counter() - t0) * 1000, 0, e)
-            return False
-        self._fire("REST", "/v1/models", (time.perf_counter() - t0) * 1000, 0, None)
-        self.model = entry["id"]
-        max_len = SETTINGS.max_model_len or int(entry.get("max_model_len") or 2048)
-        self.source = ScenarioSource(Budget(max_len), self._seed(), SETTINGS.max_tokens,
-                                     SETTINGS.ignore_eos)
-        return True
-
-    def run_scenario(self, scenario: str) -> None:
-        if self.source is None and not self._discover():
-            # Back off (greenlet sleep) so a wrong key or URL is not hammered by every user.
-            self.num_discovery_failures += 1
-            time.sleep(min(10.0, 0.5 * 2 ** self.num_discovery_failures))
-            return
-        req = self.source.build(scenario)
+    def _stream(self, req: ScenarioRequest, out: Outcome) -> None:
         path = "/v1/chat/completions" if req.kind == "chat" else "/v1/completions"
-        out = Outcome("REST", req, StreamTimer(time.perf_counter()))
         try:
             with self.session.post(self.host.rstrip("/") + path, data=json.dumps(req.body(self.model)),
                                    stream=True, timeout=SETTINGS.timeout_s) as resp:
@@ -115,12 +71,6 @@ class RestUser(User):
                     self._read_sse(resp, out)
         except requests.RequestException as e:
             out.fail(f"{type(e).__name__}: {e}"[:300], time.perf_counter())
-        if out.error is None:
-            out.finish(time.perf_counter(), self.source.budget)
-        else:
-            req.record_reply(None)
-        for entry in out.entries():
-            self._fire(*entry)
 
     @staticmethod
     def _read_sse(resp: requests.Response, out: Outcome) -> None:
