@@ -32,6 +32,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}   # the same, as ids: kept, not rebuilt every step
         self.num_cached_blocks: dict[str, int] = {}   # how many of a request's blocks are registered
         self.on_block_full = None   # optional callback(block_id, block_hash), e.g. the Redis KV tier
         self.prefix_queries = 0     # prompt tokens looked up
@@ -51,7 +52,8 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The request's block table (a live list: read it, do not change it)."""
+        return self.req_block_ids.get(request_id, [])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a new request, in whole blocks. At least one token is left to
@@ -91,6 +93,9 @@ class BlockManager:
             self.num_cached_blocks[request.request_id] = len(owned)
         for _ in range(max(needed, 0)):
             owned.append(self._pop_free())
+        ids = self.req_block_ids.setdefault(request.request_id, [])
+        if len(ids) != len(owned):
+            ids.extend(b.block_id for b in owned[len(ids):])
         self._register_full_blocks(request, num_computed + num_new_tokens)
         return True
 
@@ -98,6 +103,7 @@ class BlockManager:
         """Release a finished, aborted or preempted request's blocks. Tail blocks go to the free
         queue first so that a prefix's head outlives its tail under eviction."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
         for b in reversed(blocks):
             b.ref_cnt -= 1
@@ -173,3 +179,5 @@ class BlockManager:
             assert (b.ref_cnt == 0) == (b.block_id in self.free_queue), f"block {b.block_id} free state"
         for h, b in self.cached.items():
             assert b.block_hash == h
+        for rid, blocks in self.req_blocks.items():
+            assert self.req_block_ids[rid] == [b.block_id for b in blocks], f"{rid}: block id list out of date"

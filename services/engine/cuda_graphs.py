@@ -48,6 +48,9 @@ class DecodeGraphs:
         self.hidden: dict[int, torch.Tensor] = {}
         self.pool = None
         self.copied = None       # event after the last host->device copy: the pinned buffers are free again
+        # Per table row: the block-id list last written there and how much of it (lists are live and
+        # only grow while a request runs, so a row usually needs just its new tail, or nothing).
+        self.rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.max_batch
 
     # ---- layout of the packed buffers -----------------------------------------------------------
     def _v64(self, buf, bs: int):
@@ -108,6 +111,7 @@ class DecodeGraphs:
         ids, pos, slots = self._v64(self.n64, bs)
         qsl, seq_lens, tables = self._v32(self.n32, bs)
         page = self.block_size
+        rows = self.rows
         for i, s in enumerate(scheduled):
             r = s.request
             p = r.num_computed_tokens
@@ -115,7 +119,12 @@ class DecodeGraphs:
             pos[i] = p
             blocks = s.block_ids
             slots[i] = blocks[p // page] * page + p % page
-            tables[i, :len(blocks)] = blocks
+            written, k = rows[i]
+            if written is not blocks:
+                k = 0
+            if k != len(blocks):
+                tables[i, k:len(blocks)] = blocks[k:]
+                rows[i] = (blocks, len(blocks))
         ids[n:], pos[n:], slots[n:] = 0, 0, -1
         qsl[:n + 1] = np.arange(n + 1)
         qsl[n + 1:] = n                                        # padded rows: query length 0

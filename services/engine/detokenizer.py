@@ -3,6 +3,10 @@
 A token can end inside a multi-byte character (byte-level BPE); its text is held back until a
 later token completes it. Text that could be the start of a stop string is also held back from
 streaming, so a client never sees a stop string (or part of one) that is later cut.
+
+Without stop strings nothing needs the text while the sequence runs, so tokens are only collected
+and decoded when the text is read (`take_delta`, `flush`): once per output instead of once per token,
+and once per sequence for clients that read only the finished output.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str | None:
         """Append a token. Returns the stop string if one now appears in the text, else None."""
         self.tokens.append(token_id)
+        return self._advance() if self.stop else None
+
+    def _advance(self) -> str | None:
+        """Decode the tokens since the last emitted text; returns a stop string found in it."""
+        if self.read_offset == len(self.tokens):
+            return None
         if self._prefix_text is None:
             self._prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         prefix = self._prefix_text
@@ -65,6 +75,8 @@ class IncrementalDetokenizer:
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet handed out; while running, the tail that may start a stop string stays back."""
+        if not self.stop:
+            self._advance()
         end = len(self.text) if finished or not self.stop else max(len(self.text) - self.holdback, self.num_emitted)
         delta = self.text[self.num_emitted:end]
         self.num_emitted = end

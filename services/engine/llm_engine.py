@@ -56,8 +56,8 @@ class LLMEngine:
         self.kv = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.sampler = Sampler(self.vocab_size, config.seed)
-        # [kv-tier] the shared KV tier (services.prefix_cache.tier.KVTier): loads missing prefix
-        # blocks on admission, publishes newly full blocks after each forward pass.
+        # [kv-tier] the shared KV tier (services.prefix_cache.tier.KVTier): fetches missing prefix
+        # blocks off this thread while it holds the request, publishes newly full blocks after each pass.
         self.kv_tier = kv_tier if config.enable_prefix_caching else None
         if self.kv_tier is not None:
             self.kv_tier.attach(self.kv, self.runner, config)
@@ -115,9 +115,9 @@ class LLMEngine:
         self.groups[request_id] = group
         for c in children:
             self.child_to_group[c] = group
-        if self.kv_tier is not None:   # [kv-tier] missing prefix blocks from the tier, if cheaper
-            self.kv_tier.load_prefix(children[0])
-        self.scheduler.add(children[0])
+        # [kv-tier] held while its missing prefix blocks are fetched (if cheaper); step() queues it then
+        if self.kv_tier is None or not self.kv_tier.begin_load(children[0]):
+            self.scheduler.add(children[0])
         if not self.config.enable_prefix_caching:
             self._release_pending(group)
         self.prompt_tokens_total += len(ids)
@@ -146,6 +146,9 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.kv_tier is not None:   # [kv-tier] requests whose fetch ended (or timed out); idle: wait a bit
+            for r in self.kv_tier.ready(wait=not self.scheduler.running and not self.scheduler.waiting):
+                self.scheduler.add(r)
         if self.speculator is not None:   # [spec] guesses become extra tokens for the scheduler
             self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
@@ -184,7 +187,7 @@ class LLMEngine:
                 self._release_pending(group)
         outputs = []
         for group in touched.values():
-            if not group.finished and group.output_kind == "final_only":
+            if group.output_kind == "final_only" and not group.finished:
                 continue
             outputs.append(self._make_output(group))
             if group.finished:

@@ -102,6 +102,14 @@ def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None,
     return q.to(device)
 
 
+def _on(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small per-step tensor on the device. To a GPU through pinned memory, asynchronously: a plain
+    host->device copy would make the host wait for the forward pass still running."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 # ---- the sampler -------------------------------------------------------------------------------
 @dataclass(slots=True)
 class SamplerOutput:
@@ -153,34 +161,42 @@ class Sampler:
         """Temperature and truncation for sampled (non-greedy, non-Mirostat) rows. Returns new logits."""
         params = [r.sampling_params for r in requests]
         device = logits.device
-        temp = torch.tensor([sp.temperature or 1.0 for sp in params], device=device)
+        temp = _on([sp.temperature or 1.0 for sp in params], torch.float32, device)
         logits = logits / temp[:, None]
         if any(sp.top_k is not None for sp in params):
-            k = torch.tensor([sp.top_k or logits.shape[1] for sp in params], device=device)
+            k = _on([sp.top_k or logits.shape[1] for sp in params], torch.long, device)
             logits = apply_top_k(logits, k)
         if any(sp.top_p < 1.0 for sp in params):
-            logits = apply_top_p(logits, torch.tensor([sp.top_p for sp in params], device=device))
+            logits = apply_top_p(logits, _on([sp.top_p for sp in params], torch.float32, device))
         if any(sp.min_p > 0.0 for sp in params):
-            logits = apply_min_p(logits, torch.tensor([sp.min_p for sp in params], device=device))
+            logits = apply_min_p(logits, _on([sp.min_p for sp in params], torch.float32, device))
         if any(sp.typical_p < 1.0 for sp in params):
-            logits = apply_typical_p(logits, torch.tensor([sp.typical_p for sp in params], device=device))
+            logits = apply_typical_p(logits, _on([sp.typical_p for sp in params], torch.float32, device))
         return logits
 
     def __call__(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> SamplerOutput:
         logits = self.process_logits(logits.float(), requests, grammar_masks)
-        logprobs = logits.log_softmax(-1)
-        tokens = logits.argmax(-1)
-        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy
-                   and r.sampling_params.mirostat_mode == 0]
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            probs = self.warp(logits[rows], [requests[i] for i in sampled]).softmax(-1)
-            tokens[rows] = (probs / self._noise(probs.shape, [requests[i] for i in sampled], logits.device)).argmax(-1)
+        params = [r.sampling_params for r in requests]
+        sampled = [i for i, sp in enumerate(params) if not sp.is_greedy and sp.mirostat_mode == 0]
+        if len(sampled) == len(requests):        # all rows sample: no greedy argmax, no row gather
+            probs = self.warp(logits, requests).softmax(-1)
+            tokens = (probs / self._noise(probs.shape, requests, logits.device)).argmax(-1)
+        else:
+            tokens = logits.argmax(-1)
+            if sampled:
+                rows = _on(sampled, torch.long, logits.device)
+                probs = self.warp(logits[rows], [requests[i] for i in sampled]).softmax(-1)
+                tokens[rows] = (probs / self._noise(probs.shape, [requests[i] for i in sampled],
+                                                    logits.device)).argmax(-1)
         for i, r in enumerate(requests):
             if r.sampling_params.mirostat_mode:
                 tokens[i] = self._mirostat(logits[i], r)
+        # The chosen token's logprob from one logsumexp; whole log-softmax rows only when asked for.
+        logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
+        picked = logits.gather(1, tokens[:, None]).squeeze(1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1) if logprobs is not None \
+            else picked - torch.logsumexp(logits, -1)
         # One device->host transfer for tokens and their logprobs (float64 holds token ids exactly).
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         token_list = [int(t) for t in both[:len(requests)]]
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])

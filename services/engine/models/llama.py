@@ -14,6 +14,11 @@ from torch import nn
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 from services.engine.layers.rotary import RotaryEmbedding
 
+try:   # fused Triton kernels for the GPU path (layers/fused.py); the CPU runs the eager reference
+    from services.engine.layers import fused
+except ImportError:   # pragma: no cover - no Triton
+    fused = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -26,6 +31,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream: returns (norm(x + residual), x + residual); residual None means x alone."""
+        if x.is_cuda and fused is not None:
+            if residual is None:
+                return fused.add_rms_norm(x, None, self.weight, self.eps), x
+            return fused.add_rms_norm(x, residual, self.weight, self.eps), residual   # residual updated in place
+        x = x if residual is None else residual + x
+        return self(x), x
 
 
 class Attention(nn.Module):
@@ -51,7 +65,10 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        if q.is_cuda and fused is not None:
+            fused.rotary_(q, k, positions, self.rotary.cos, self.rotary.sin)
+        else:
+            q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -64,7 +81,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if x.is_cuda and fused is not None:
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -76,9 +96,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, kv_cache, meta, backend):
+        """The residual add is deferred into the next norm: returns (this layer's MLP output, residual)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(h, positions, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -104,10 +127,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [T]. Returns hidden states [T, hidden]; `compute_logits` on the rows needed."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, kv, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, kv, meta, backend)
+        return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,67 @@
+"""The fused Triton kernels (layers/fused.py) against the eager ops the CPU path runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from services.engine.layers import fused  # noqa: E402
+from services.engine.layers.rotary import _apply  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def tol(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+
+
+def ref_rms_norm(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n", [(1, 896), (37, 2048), (130, 4096), (0, 896)])
+def test_add_rms_norm(dtype, t, n):
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(t, n, device="cuda", generator=g).to(dtype)
+    res = torch.randn(t, n, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
+    torch.testing.assert_close(fused.add_rms_norm(x, None, w, 1e-6), ref_rms_norm(x, w, 1e-6), **tol(dtype))
+    want_res = res + x
+    out = fused.add_rms_norm(x, res, w, 1e-6)
+    torch.testing.assert_close(res, want_res, atol=0, rtol=0)       # the residual add rounds as eager does
+    torch.testing.assert_close(out, ref_rms_norm(want_res, w, 1e-6), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hk,d", [(14, 2, 64), (32, 8, 128), (4, 4, 96)])
+def test_rotary_in_place_on_qkv_views(dtype, hq, hk, d):
+    t = 19
+    g = torch.Generator("cuda").manual_seed(1)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", generator=g).to(dtype)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hk, d)
+    pos = torch.randint(0, 500, (t,), device="cuda", generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(512, device="cuda").float(), inv)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    want_q, want_k = _apply(q, c, s), _apply(k, c, s)
+    v_before = qkv[:, (hq + hk) * d:].clone()
+    fused.rotary_(q, k, pos, cos, sin)
+    torch.testing.assert_close(q, want_q, **tol(dtype))
+    torch.testing.assert_close(k, want_k, **tol(dtype))
+    assert torch.equal(qkv[:, (hq + hk) * d:], v_before)            # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n", [(1, 4864), (64, 8192), (3, 100)])
+def test_silu_and_mul(dtype, t, n):
+    x = torch.randn(t, 2 * n, device="cuda").to(dtype)
+    gate, up = x.split(n, dim=-1)
+    torch.testing.assert_close(fused.silu_and_mul(x), F.silu(gate) * up, **tol(dtype))
