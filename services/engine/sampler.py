@@ -11,12 +11,18 @@ a seeded request draws q from its own generator, so its tokens do not depend on 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
 
 from services.engine.outputs import Logprob
 from services.engine.request import Request
+
+try:   # the fused GPU sampling kernel; CPUs and the other cases use the row-vectorised path below
+    from services.engine.layers import fused
+except ImportError:   # pragma: no cover - no Triton
+    fused = None
 
 NEG_INF = float("-inf")
 
@@ -102,6 +108,13 @@ def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None,
     return q.to(device)
 
 
+def _plain(r: Request) -> bool:
+    """Rows the fused sampler takes: greedy or temperature only, no per-request seed, no Mirostat."""
+    sp = r.sampling_params
+    return r.generator is None and sp.mirostat_mode == 0 and sp.top_k is None and sp.top_p >= 1.0 \
+        and sp.min_p <= 0.0 and sp.typical_p >= 1.0
+
+
 def _on(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small per-step tensor on the device. To a GPU through pinned memory, asynchronously: a plain
     host->device copy would make the host wait for the forward pass still running."""
@@ -124,6 +137,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)   # for requests without a seed
         self.seed = seed
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
+        self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> torch.Tensor:
         """Everything that changes the model's distribution before temperature. logits: [B, V] float32.
@@ -177,6 +191,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> SamplerOutput:
         logits = self.process_logits(logits.float(), requests, grammar_masks)
         params = [r.sampling_params for r in requests]
+        if logits.is_cuda and fused is not None and all(_plain(r) for r in requests):
+            return self._fused(logits, requests, params)
         sampled = [i for i, sp in enumerate(params) if not sp.is_greedy and sp.mirostat_mode == 0]
         if len(sampled) == len(requests):        # all rows sample: no greedy argmax, no row gather
             probs = self.warp(logits, requests).softmax(-1)
@@ -199,6 +215,16 @@ class Sampler:
         # One device->host transfer for tokens and their logprobs (float64 holds token ids exactly).
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         token_list = [int(t) for t in both[:len(requests)]]
+        return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
+
+    def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
+        """GPU rows with temperature alone (or greedy), unseeded: one Triton pass per row (layers/fused.py)
+        instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed."""
+        temp = _on([0.0 if sp.is_greedy else sp.temperature for sp in params], torch.float32, logits.device)
+        tokens, chosen = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+        both = torch.cat([tokens.double(), chosen.double()]).tolist()
+        token_list = [int(t) for t in both[:len(requests)]]
+        logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
     def _noise(self, shape, requests: list[Request], device) -> torch.Tensor:

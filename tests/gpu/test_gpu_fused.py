@@ -65,3 +65,27 @@ def test_silu_and_mul(dtype, t, n):
     x = torch.randn(t, 2 * n, device="cuda").to(dtype)
     gate, up = x.split(n, dim=-1)
     torch.testing.assert_close(fused.silu_and_mul(x), F.silu(gate) * up, **tol(dtype))
+
+
+def test_sample_rows_greedy_and_logprobs():
+    g = torch.Generator("cuda").manual_seed(2)
+    logits = torch.randn(9, 50000, device="cuda", generator=g) * 3
+    logits[3, :1000] = float("-inf")                                 # masked tokens (grammar, bans)
+    tokens, lps = fused.sample_rows(logits, torch.zeros(9, device="cuda"), seed=5)
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(lps, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_sample_rows_follows_the_tempered_distribution():
+    """8 tokens, temperature 0.7, 4000 rows: observed counts against softmax(logits / 0.7)."""
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, float("-inf")], device="cuda")
+    rows = 4000
+    logits = base.repeat(rows, 1)
+    counts = torch.zeros(8, device="cuda")
+    for seed in range(5):
+        tokens, _ = fused.sample_rows(logits, torch.full((rows,), 0.7, device="cuda"), seed=seed)
+        counts += torch.bincount(tokens, minlength=8).float()
+    expected = (base / 0.7).softmax(-1) * counts.sum()
+    assert counts[7] == 0                                            # a masked token is never drawn
+    chi2 = (((counts - expected) ** 2) / expected.clamp_min(1e-9))[:7].sum().item()
+    assert chi2 < 22.5, (counts.tolist(), expected.tolist())         # 6 dof, p = 0.001

@@ -105,3 +105,48 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
                                                      BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, V, seed, BLOCK: tl.constexpr):
+    """One row: Gumbel-max sampling at the row's temperature (0: argmax), and the chosen token's
+    log-probability under the untempered row (logit - logsumexp), in one pass over the vocabulary."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(Temp + row)
+    inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 0.0)
+    noise = tl.where(temp > 0, 1.0, 0.0)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_idx = tl.zeros([], tl.int64)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(Logits + row * stride + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+        m = m_new
+        u = tl.rand(seed, (row * V + offs).to(tl.int32))
+        gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
+        score = tl.where(temp > 0, x * inv_t + noise * gumbel, x)
+        score = tl.where(ok & (x > float("-inf")), score, float("-inf"))
+        blk = tl.max(score, 0)
+        idx = tl.argmax(score, 0)
+        take = blk > best
+        best_idx = tl.where(take, (start + idx).to(tl.int64), best_idx)
+        best = tl.where(take, blk, best)
+    chosen = tl.load(Logits + row * stride + best_idx).to(tl.float32)
+    tl.store(OutTok + row, best_idx)
+    tl.store(OutLp + row, chosen - (m + tl.log(s)))
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] float32, temperature [B] (0 = greedy). Returns (tokens [B] int64, logprobs [B]):
+    the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise."""
+    b, v = logits.shape
+    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
+    lps = torch.empty(b, dtype=torch.float32, device=logits.device)
+    if b:
+        _sample_kernel[(b,)](logits, logits.stride(0), temperature, tokens, lps, v, seed, BLOCK=2048, num_warps=8)
+    return tokens, lps
