@@ -1,12 +1,19 @@
 """Structured-output benchmark: compile time per spec kind, and the per-step cost of grammar masks
 in the engine beside unconstrained decoding, at batch 1 and 32.
 
-    python -m loadtest.bench_grammar                                   # CPU, tiny model (2k vocab)
+    python -m loadtest.bench_grammar                   # CPU: compile at a 128k vocab, masks on the tiny model
+    python -m loadtest.bench_grammar --parts compile   # compile only (no model is loaded)
     python -m loadtest.bench_grammar --device cuda --config llama-3.2-1b --vocab 128256
 
-Compile: N distinct specs per kind (so no cache helps), compiled in-process as a compile worker
-does (xgrammar, one thread); median / p99 milliseconds, plus the cost of shipping a compiled
-grammar (serialize_json + deserialize_json) and of a cache hit.
+Compile (against a synthetic byte-level vocabulary of --compile-vocab tokens, default 128256, the
+Llama-3 size, since compile cost is token-mask work over the vocabulary; 0 = the model's own):
+N distinct specs per kind (so no whole-grammar cache helps), compiled in-process as a compile
+worker does: one long-lived compiler with xgrammar's rule-level cache, one thread
+(--compile-threads), after the worker's warm-up set (services/grammar/warmup.py, its time
+reported). Median / p99 ms, beside "cold": a fresh compiler per spec with no cache (how every
+compile ran before). Plus the cost of shipping a compiled grammar (serialize_json +
+deserialize_json), of a cache hit, and a per-feature table (one property of each feature): cold,
+first time in a warm worker, and again (a new schema with the same feature).
 Masks: steady-state decoding with `batch` sequences always in flight (each runs 48 tokens, then
 is replaced by a new one with a 4-token prompt); per-step time and output tokens/s with every row
 constrained by a JSON Schema (one that cannot complete within 48 tokens, so both modes decode the
@@ -25,6 +32,7 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,32 +81,65 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def bench_compile(info, n: int) -> dict:
+THREADS = 1   # xgrammar threads per compile (--compile-threads): a worker's `compile_threads`
+
+
+def _cold_compiler(info):
+    import xgrammar as xgr  # noqa: PLC0415
+    return xgr.GrammarCompiler(info, max_threads=THREADS, cache_enabled=False)
+
+
+def _timed_ms(fn, *args) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def warm_compiler(info) -> tuple[object, dict]:
+    """The compiler a compile worker holds once its warm-up set is done, and what that took."""
+    from services.grammar.compiler import compile_spec, xgr_compiler  # noqa: PLC0415
+    from services.grammar.spec import GrammarLimits  # noqa: PLC0415
+    from services.grammar.warmup import warmup_specs  # noqa: PLC0415
+    compiler, limits, steps = xgr_compiler(info, max_threads=THREADS), GrammarLimits(), []
+    t0 = time.perf_counter()
+    for spec in warmup_specs():
+        steps.append(_timed_ms(compile_spec, compiler, spec, limits)[0])
+    return compiler, {"seconds": time.perf_counter() - t0, "num_specs": len(steps),
+                      "step_ms_median": statistics.median(steps), "step_ms_max": max(steps),
+                      "cache_mb": compiler.get_cache_size_bytes() / 2 ** 20}
+
+
+def bench_compile(info, n: int, num_cold: int) -> dict:
     import xgrammar as xgr  # noqa: PLC0415
 
     from services.grammar.cache import GrammarCache  # noqa: PLC0415
     from services.grammar.compiler import compile_spec  # noqa: PLC0415
     from services.grammar.spec import GrammarLimits  # noqa: PLC0415
-    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-    limits, rng, out = GrammarLimits(), random.Random(0), {}
+    compiler, warm_up = warm_compiler(info)
+    limits, rng, out = GrammarLimits(), random.Random(0), {"warm_up": warm_up}
     for kind in ("json_schema", "regex", "gbnf", "choice", "json_object"):
-        times, ser, deser, size = [], [], [], []
-        for i in range(n if kind != "json_object" else 2):
-            spec = spec_for(kind, i, rng)
-            t0 = time.perf_counter()
-            compiled = compile_spec(compiler, spec, limits)
+        times, cold, ser, deser, size = [], [], [], [], []
+        specs = [spec_for(kind, i, rng) for i in range(n if kind != "json_object" else 2)]
+        for spec in specs:
+            dt, compiled = _timed_ms(compile_spec, compiler, spec, limits)
             t1 = time.perf_counter()
             text = compiled.serialize_json()
             t2 = time.perf_counter()
             xgr.CompiledGrammar.deserialize_json(text, info)
             t3 = time.perf_counter()
-            times.append((t1 - t0) * 1e3)
+            times.append(dt)
             ser.append((t2 - t1) * 1e3)
             deser.append((t3 - t2) * 1e3)
             size.append(len(text))
+        for spec in specs[:num_cold]:
+            cold.append(_timed_ms(compile_spec, _cold_compiler(info), spec, limits)[0])
         out[kind] = {"n": len(times), "compile_ms_median": statistics.median(times),
-                     "compile_ms_p99": percentile(times, 0.99), "serialize_ms_median": statistics.median(ser),
+                     "compile_ms_p99": percentile(times, 0.99), "cold_n": len(cold),
+                     "cold_compile_ms_median": statistics.median(cold), "cold_compile_ms_p99": percentile(cold, 0.99),
+                     "serialize_ms_median": statistics.median(ser),
                      "deserialize_ms_median": statistics.median(deser), "serialized_kb_median": statistics.median(size) / 1024}
+    out["json_object"]["note"] = "2 fixed specs, both in the warm-up set: the warm figure is xgrammar's cache hit"
+    out["features"] = bench_features(info, compiler, limits)
     cache = GrammarCache()
     cache.put("fp", "k", text)
     t0 = time.perf_counter()
@@ -106,6 +147,73 @@ def bench_compile(info, n: int) -> dict:
         cache.get("fp", "k")
     out["cache_hit_ms"] = (time.perf_counter() - t0)  # 1000 lookups → ms each
     return out
+
+
+# One property of each feature, in an object with one required property.
+FEATURES: dict[str, dict] = {
+    "string": {"type": "string"},
+    "string maxLength 8": {"type": "string", "maxLength": 8},
+    "string maxLength 32": {"type": "string", "maxLength": 32},
+    "string maxLength 64": {"type": "string", "maxLength": 64},
+    "string maxLength 128": {"type": "string", "maxLength": 128},
+    "string maxLength 129": {"type": "string", "maxLength": 129},
+    "string maxLength 255": {"type": "string", "maxLength": 255},
+    "string maxLength 1000": {"type": "string", "maxLength": 1000},
+    "string minLength 1": {"type": "string", "minLength": 1},
+    "string minLength 1 maxLength 64": {"type": "string", "minLength": 1, "maxLength": 64},
+    "string minLength 3 maxLength 40": {"type": "string", "minLength": 3, "maxLength": 40},
+    "integer": {"type": "integer"},
+    "integer 0..100": {"type": "integer", "minimum": 0, "maximum": 100},
+    "integer -1e6..1e6": {"type": "integer", "minimum": -1000000, "maximum": 1000000},
+    "number": {"type": "number"},
+    "number 0..1": {"type": "number", "minimum": 0, "maximum": 1},
+    "boolean": {"type": "boolean"},
+    "enum of 5": {"enum": ["alpha", "beta", "gamma", "delta", "epsilon"]},
+    "anyOf string|null": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    "array of strings": {"type": "array", "items": {"type": "string"}},
+    "array maxItems 5": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    "array of objects": {"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "label": {"type": "string"}}, "required": ["id"]}},
+    "nested object": {"type": "object", "properties": {"x": {"type": "string"}, "y": {"type": "number"}}},
+    "pattern ^[A-Z]{2}-[0-9]{4}$": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4}$"},
+    "pattern ^[a-z0-9_]+$": {"type": "string", "pattern": "^[a-z0-9_]+$"},
+    "format date": {"type": "string", "format": "date"},
+    "format date-time": {"type": "string", "format": "date-time"},
+    "format uuid": {"type": "string", "format": "uuid"},
+    "format email": {"type": "string", "format": "email"},
+    "format uri": {"type": "string", "format": "uri"},
+}
+
+
+def bench_features(info, compiler, limits) -> dict:
+    """ms per feature: cold (fresh compiler, median of up to 3), first time in the warm compiler,
+    and again in it (a different property name: a new grammar, the same feature)."""
+    from services.grammar.compiler import compile_spec  # noqa: PLC0415
+    from services.grammar.spec import GrammarSpec  # noqa: PLC0415
+    names = iter(f"p{i}" for i in range(10 ** 6))
+
+    def spec(feature: dict):
+        name = next(names)
+        return GrammarSpec.json_schema({"type": "object", "properties": {name: feature}, "required": [name]})
+
+    out = {}
+    for label, feature in FEATURES.items():
+        cold = [_timed_ms(compile_spec, _cold_compiler(info), spec(feature), limits)[0]]
+        if cold[0] < 1000:
+            cold += [_timed_ms(compile_spec, _cold_compiler(info), spec(feature), limits)[0] for _ in range(2)]
+        first = _timed_ms(compile_spec, compiler, spec(feature), limits)[0]
+        again = [_timed_ms(compile_spec, compiler, spec(feature), limits)[0] for _ in range(3)]
+        out[label] = {"cold_ms": statistics.median(cold), "warm_first_ms": first,
+                      "warm_again_ms": statistics.median(again)}
+        print(f"  {label:36s} cold {out[label]['cold_ms']:9.1f}  warm first {first:9.1f}  "
+              f"again {out[label]['warm_again_ms']:7.1f} ms", file=sys.stderr, flush=True)
+    return out
+
+
+def compile_tokenizer_info(vocab: int):
+    """TokenizerInfo of the synthetic byte-level vocabulary (tokenizer and config only, no model)."""
+    from services.grammar.tokenizer import tokenizer_info_from_model_dir  # noqa: PLC0415
+    return tokenizer_info_from_model_dir(synthetic_model_dir("llama-3.2-1b", vocab))
 
 
 # ---- decoding with and without masks ------------------------------------------------------------
@@ -210,27 +318,42 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--compile-specs", type=int, default=30)
+    ap.add_argument("--cold-specs", type=int, default=8, help="of those, how many also compile cold")
+    ap.add_argument("--compile-vocab", type=int, default=128256,
+                    help="synthetic vocabulary for the compile part (0: the model's tokenizer)")
+    ap.add_argument("--compile-threads", type=int, default=1, help="xgrammar threads per compile")
     ap.add_argument("--parts", nargs="+", default=["compile", "masks"], choices=["compile", "masks"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    global THREADS
+    THREADS = a.compile_threads
 
     import torch  # noqa: PLC0415
 
-    from services.engine.llm import LLM  # noqa: PLC0415
-    from services.grammar.tokenizer import tokenizer_info_from_hf  # noqa: PLC0415
+    from services.grammar.tokenizer import (  # noqa: PLC0415
+        tokenizer_info_from_hf,
+        tokenizer_info_from_model_dir,
+    )
     model = synthetic_model_dir(a.config, a.vocab or json.loads((CONFIGS / a.config / "config.json").read_text())[
         "vocab_size"]) if a.config else str(TINY)
-    llm = LLM(model, load_format="dummy" if a.config else "auto", device=a.device, max_num_seqs=max(a.batches),
-              max_model_len=1024)
-    eng = llm.engine
-    info = tokenizer_info_from_hf(eng.tokenizer, eng.vocab_size, sorted(eng.eos_token_ids))
+    llm = info = None
+    if "masks" in a.parts:
+        from services.engine.llm import LLM  # noqa: PLC0415
+        llm = LLM(model, load_format="dummy" if a.config else "auto", device=a.device,
+                  max_num_seqs=max(a.batches), max_model_len=1024)
+        eng = llm.engine
+        info = tokenizer_info_from_hf(eng.tokenizer, eng.vocab_size, sorted(eng.eos_token_ids))
+    compile_info = compile_tokenizer_info(a.compile_vocab) if a.compile_vocab else \
+        info or tokenizer_info_from_model_dir(model)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
-              "model": a.config or "tiny-target", "vocab_size": info.vocab_size,
+              "model": a.config or "tiny-target", "vocab_size": info.vocab_size if info else None,
+              "compile_vocab_size": compile_info.vocab_size, "compile_threads": THREADS,
               "torch_threads": torch.get_num_threads(),
-              # Step timings on a shared machine are only as good as its idle CPU: keep the load.
+              # Timings on a shared machine are only as good as its idle CPU: keep the load.
               "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
-              "compile": bench_compile(info, a.compile_specs) if "compile" in a.parts else None,
-              "masks": bench_masks(llm, info, a.batches, a.steps) if "masks" in a.parts else None}
+              "compile": bench_compile(compile_info, a.compile_specs, a.cold_specs) if "compile" in a.parts else None,
+              "masks": bench_masks(llm, info, a.batches, a.steps) if "masks" in a.parts else None,
+              "load_avg_1m_end": os.getloadavg()[0]}
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

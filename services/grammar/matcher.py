@@ -98,8 +98,8 @@ class GrammarHandle:
         from services.grammar.compiler import compile_spec  # noqa: PLC0415
         from services.grammar.spec import GrammarLimits, GrammarSpec  # noqa: PLC0415
         spec = GrammarSpec.from_dict(spec)
-        compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=1)
-        return GrammarHandle(compile_spec(compiler, spec, limits or GrammarLimits()), tokenizer_info, spec.spec_hash)
+        compiled = compile_spec(_offline_compiler(tokenizer_info), spec, limits or GrammarLimits())
+        return GrammarHandle(compiled, tokenizer_info, spec.spec_hash)
 
     @property
     def tokenizer_fingerprint(self) -> str:
@@ -110,6 +110,21 @@ class GrammarHandle:
 
     def __repr__(self) -> str:
         return f"GrammarHandle(spec={self.spec_hash and self.spec_hash[:12]}, vocab_size={self.vocab_size})"
+
+
+_OFFLINE: dict[int, tuple[xgr.TokenizerInfo, xgr.GrammarCompiler]] = {}
+
+
+def _offline_compiler(tokenizer_info: xgr.TokenizerInfo) -> xgr.GrammarCompiler:
+    """One long-lived compiler per TokenizerInfo object, so its token-mask cache carries over."""
+    hit = _OFFLINE.get(id(tokenizer_info))
+    if hit is None or hit[0] is not tokenizer_info:
+        from services.grammar.compiler import xgr_compiler  # noqa: PLC0415
+        hit = (tokenizer_info, xgr_compiler(tokenizer_info))
+        while len(_OFFLINE) >= 4:   # a few tokenizers per process at most; drop the oldest
+            _OFFLINE.pop(next(iter(_OFFLINE)))
+        _OFFLINE[id(tokenizer_info)] = hit
+    return hit[1]
 
 
 def allocate_token_bitmask(batch: int, vocab_size: int) -> torch.Tensor:

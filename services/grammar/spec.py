@@ -2,7 +2,9 @@
 
 A spec is small, immutable and hashable; `spec_hash` is stable across processes and versions of
 this code (it is part of the compile-cache key in Redis). JSON Schemas are kept as compact JSON
-text with their key order intact, since the order of properties is the order they are generated.
+text with their key order intact, since the order of properties is the order they are generated;
+they are hashed (and compiled) in canonical form (canonical.py: no annotations, keywords sorted),
+so schemas that differ only in titles or descriptions share one compilation.
 
     GrammarSpec.json_schema({"type": "object", ...})   GrammarSpec.gbnf('root ::= "yes" | "no"')
     GrammarSpec.regex(r"\\d{4}-\\d{2}-\\d{2}")           GrammarSpec.choice(["red", "green"])
@@ -15,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.grammar.canonical import canonical_schema_text
 from services.grammar.errors import GrammarError
 
 KINDS = ("gbnf", "json_schema", "json_object", "regex", "choice", "builtin")
@@ -117,7 +120,8 @@ class GrammarSpec:
     @property
     def spec_hash(self) -> str:
         """Stable identity (hex sha256) of what the spec matches; excludes `param`."""
-        ident = json.dumps([SPEC_VERSION, self.kind, self.text, list(self.choices or ()),
+        text = canonical_schema_text(self.text) if self.kind == "json_schema" else self.text
+        ident = json.dumps([SPEC_VERSION, self.kind, text, list(self.choices or ()),
                             self.any_whitespace, self.strict], ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(ident.encode()).hexdigest()
 

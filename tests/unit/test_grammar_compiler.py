@@ -1,5 +1,6 @@
 """GrammarCompiler: every kind compiles in a worker process, errors are clear, a compile past the
-deadline is killed and the next one still works, and the in-memory cache answers repeats."""
+deadline is killed and the next one still works, the in-memory cache answers repeats, and the
+workers' warm-up set compiles (while a request that arrives meanwhile is still served)."""
 from __future__ import annotations
 
 import itertools
@@ -9,11 +10,12 @@ import pytest
 import xgrammar as xgr
 
 from services.grammar.cache import GrammarCache
-from services.grammar.compiler import GrammarCompiler
+from services.grammar.compiler import GrammarCompiler, compile_spec, xgr_compiler
 from services.grammar.errors import GrammarError, GrammarLimitError, GrammarTimeoutError
-from services.grammar.matcher import GrammarHandle
+from services.grammar.matcher import GrammarHandle, _offline_compiler
 from services.grammar.spec import GrammarLimits, GrammarSpec
 from services.grammar.tokenizer import fingerprint
+from services.grammar.warmup import warmup_specs
 
 EOS = 256
 
@@ -118,3 +120,28 @@ def test_fingerprint_depends_on_vocab_and_mask_width(info):
     other = xgr.TokenizerInfo(synthetic_vocab(100), xgr.VocabType.RAW, stop_token_ids=[EOS])
     assert fingerprint(same) == fingerprint(info)
     assert len({fingerprint(info), fingerprint(wider), fingerprint(other)}) == 3
+
+
+def test_every_warm_up_spec_compiles(info):
+    # A warm-up spec that failed would be skipped silently by the worker: check them all here.
+    compiler, limits = xgr_compiler(info), GrammarLimits()
+    specs = list(warmup_specs())
+    assert len({s.spec_hash for s in specs}) == len(specs)
+    for spec in specs:
+        compile_spec(compiler, spec, limits)
+
+
+def test_a_request_during_warm_up_is_served_within_its_deadline(info):
+    # The deadline counts the request's own compile, not the warm-up step it waited for.
+    c = GrammarCompiler(info, limits=GrammarLimits(compile_timeout_s=0.5), num_workers=1)
+    try:
+        spec = GrammarSpec.json_schema({"type": "object", "properties": {"w": {"type": "string", "maxLength": 9}},
+                                        "required": ["w"]})
+        handle = GrammarHandle.from_serialized(c.compile(spec).serialized, info)
+        assert run_text(handle, '{"w": "ninechars"}') and not run_text(handle, '{"w": "tencharsxx"}')
+    finally:
+        c.close()
+
+
+def test_offline_compiles_share_one_compiler_per_tokenizer(info):
+    assert _offline_compiler(info) is _offline_compiler(info)
