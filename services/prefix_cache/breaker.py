@@ -64,6 +64,14 @@ class CircuitBreaker:
             self.stats.num_bypassed += 1
             return False
 
+    def bypassing(self) -> bool:
+        """Whether a call now would surely be bypassed (open, cool-down not over; or a probe out).
+        Changes nothing: a caller that skips work on True never takes the probe's turn."""
+        with self._lock:
+            if self._state == OPEN:
+                return self._clock() - self._opened_at < self.cooldown_s
+            return self._state == HALF_OPEN and self._probe_in_flight
+
     def record_success(self) -> None:
         with self._lock:
             self._consecutive_failures = 0

@@ -54,8 +54,9 @@ class KVTierStore(ABC):
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]: ...
 
     @abstractmethod
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        """Store the items; returns how many bytes went to the backend."""
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+        """Store the items; returns how many bytes went to the backend. Values may be memoryviews
+        (sent as they are, without a copy); a store that keeps them must copy them."""
 
     @abstractmethod
     def delete_many(self, keys: Sequence[bytes]) -> None:
@@ -99,6 +100,7 @@ class MemoryKVStore(KVTierStore):
         written = 0
         with self._lock:
             for k, v in items:
+                v = bytes(v)     # values may be views into a writer's buffer (BlockCodec.encode_batch)
                 if len(v) > self.max_bytes:
                     continue  # could never fit; storing it would evict everything for nothing
                 old = self._data.pop(k, None)

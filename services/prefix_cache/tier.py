@@ -1,20 +1,24 @@
 """KVTier: the engine's side of the shared KV tier (and of the prefix index the router reads).
 
-Three calls from the engine, all on its thread:
+Calls from the engine, all on its thread, none of which waits on the network:
   on_block_full(block_id, hash)  the block manager's callback: the block will hold committed KV
                                  after this step (registered, not yet computed);
-  after_step(scheduled, secs)    after the forward pass: export the blocks that just became full
-                                 (one copy), hand them to the async writer; measure prefill speed;
-  load_prefix(request)           on admission: find the longest run of the request's missing full
-                                 blocks that the tier holds, ask the cost model, and if fetching wins
-                                 load them into free cache blocks registered under their hashes, so
-                                 the scheduler's ordinary prefix lookup then hits them.
-Everything that can wait (encoding, Redis writes, index updates) runs on the writer thread; a
-failing backend costs at most one socket timeout before the breaker bypasses it.
+  after_step(scheduled, secs)    after the forward pass: copy the blocks that just became full out of
+                                 the cache (one gather per step, layer-major) and queue them for the
+                                 writer thread; measure prefill speed;
+  begin_load(request)            on admission: if the request's missing full blocks could be worth
+                                 fetching (cost model, no round trip), hold it while the loader
+                                 thread looks them up and fetches them (loader.py); False = queue it;
+  ready(wait)                    at the start of a step: import fetched blocks, return the held
+                                 requests to queue.
+Everything that can wait (encoding, checksums, Redis writes, index updates) runs on the writer
+thread; lookups and fetches on the loader thread. A failing backend costs at most one socket timeout
+per breaker trip before the breaker bypasses it, and never blocks the engine thread.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,10 +28,11 @@ import torch
 from services.telemetry import metrics
 from services.telemetry.tracing import start_span
 
-from .blob import BlobError, BlockCodec, KVLayout
+from .blob import BlockCodec, KVLayout
 from .breaker import CircuitBreaker
 from .cost_model import CostDecision, CostModel
 from .index import PrefixIndex, leading_hits
+from .loader import PrefixLoader
 from .store import GuardedStore, KVTierStore, MemoryKVStore, RedisKVStore, TierUnavailableError, block_key
 from .tier_config import KVTierConfig, model_fingerprint
 from .writer import AsyncWriter
@@ -74,6 +79,7 @@ class KVTier:
         self.cost = CostModel(config.prior_latency_s, config.prior_bandwidth_bytes_per_s,
                               config.prior_prefill_tokens_per_s, margin=config.fetch_margin)
         self.writer = AsyncWriter(self._write, config.max_queue_blocks, config.max_batch_blocks)
+        self.loader = PrefixLoader(self, config.load_timeout_s)
         self.last_decision: CostDecision | None = None
         self._known: OrderedDict[bytes, None] = OrderedDict()
         self._pending: list[tuple[int, bytes]] = []
@@ -81,12 +87,13 @@ class KVTier:
         self._evictions_seen: int | None = None
         self._evictions_checked = 0.0
         self._warm = False
-        self._kv = self._runner = self.codec = None
+        self._stats_lock = threading.Lock()   # three threads count
+        self.kv = self.runner = self.codec = None
 
     # ---- wiring ------------------------------------------------------------------------------
     def attach(self, block_manager, runner, engine_config) -> None:
         """Bind to one engine: its block manager (hashes, free blocks) and model runner (tensors)."""
-        self._kv, self._runner = block_manager, runner
+        self.kv, self.runner = block_manager, runner
         self.block_size = block_manager.block_size
         layout = KVLayout("LKBHD", (runner.num_layers, 2, runner.block_size, runner.num_kv_heads,
                                     runner.head_dim), str(runner.dtype).removeprefix("torch."))
@@ -118,39 +125,65 @@ class KVTier:
             computed = {b for s in scheduled for b in s.block_ids}
             # Only blocks this step computed and that still carry their hash hold the KV we name.
             valid = [(b, h) for b, h in pending
-                     if b in computed and self._kv.blocks[b].block_hash == h]
+                     if b in computed and self.kv.blocks[b].block_hash == h]
             if self.config.write_policy == "computed":
                 self._export([(b, h) for b, h in valid if h not in self._known])
             if self.index is not None:
                 self.writer.submit(("index", [h for _, h in valid], None))
         if self.index is not None and time.monotonic() - self._last_sync > self.config.index_sync_interval_s:
             self._last_sync = time.monotonic()
-            self.writer.submit(("sync", list(self._kv.cached), None))
+            self.writer.submit(("sync", list(self.kv.cached), None))
 
     def _export(self, blocks: list[tuple[int, bytes]]) -> None:
-        """Copy the blocks' KV out of the cache (one gather) and queue them for the writer."""
+        """Copy the blocks' KV out of the cache and queue it for the writer: one copy per step. When
+        the writer is backed up, the blocks it has no room for are neither copied nor written
+        (dropped and counted); a request's blocks come in chain order, so its head goes first."""
+        room = self.writer.room
+        if len(blocks) > room:
+            self.writer.count_dropped(len(blocks) - room)
+            metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc(len(blocks) - room)
+            blocks = blocks[:room]
         if not blocks:
             return
-        data = self._runner.export_blocks([b for b, _ in blocks])   # [N, L, 2, bs, h, d]
-        self.stats.blocks_exported += len(blocks)
-        for (_, h), block in zip(blocks, data):
+        hashes = [h for _, h in blocks]
+        data = self._gather([b for b, _ in blocks])
+        if not self.writer.submit(("kv", hashes, data), weight=len(blocks)):
+            metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc(len(blocks))
+            return
+        self._count("blocks_exported", len(blocks))
+        for h in hashes:
             self._remember(h)
-            if not self.writer.submit(("kv", h, block)):
-                metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc()
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one
+        index_select per layer and K/V straight into the result (ModelRunner.export_blocks stacks
+        block-major, three copies); the writer thread transposes while encoding (encode_batch)."""
+        caches = self.runner.kv_caches
+        k0 = caches[0][0]
+        idx = torch.tensor(block_ids, dtype=torch.long, device=k0.device)
+        out = torch.empty((len(caches), 2, len(block_ids), *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
+        for layer, (k, v) in enumerate(caches):
+            torch.index_select(k, 0, idx, out=out[layer, 0])
+            torch.index_select(v, 0, idx, out=out[layer, 1])
+        return out.cpu()   # on a GPU, one device-to-host copy
 
     def _write(self, items: list) -> None:
-        """The writer thread: encode and write blocks in one pipeline; update the index."""
-        blocks = [(self.key(h), self.codec.encode(h, t)) for kind, h, t in items if kind == "kv"]
+        """The writer thread: encode (one copy and a CRC per block, GIL mostly released) and write
+        the batch's blocks in one pipeline; update the index."""
+        blocks = []
+        for kind, hashes, data in items:
+            if kind == "kv":
+                blobs = self.codec.encode_batch(hashes, data.permute(2, 0, 1, 3, 4, 5))
+                blocks.extend(zip([self.key(h) for h in hashes], blobs))
         if blocks:
             t0 = time.perf_counter()
             written = self.store.try_put_many(blocks)
             if written is None:
-                self.stats.write_bypasses += len(blocks)
+                self._count("write_bypasses", len(blocks))
                 metrics.KV_TIER_BYPASSES.labels(self.name, "write").inc()
             elif written:
                 self.cost.observe_transfer(written, time.perf_counter() - t0)
-                self.stats.bytes_written += written
-                metrics.KV_TIER_BYTES.labels(self.name, "write").inc(written)
+                self.count_bytes("write", written)
         added = [h for kind, hs, _ in items if kind == "index" for h in hs]
         syncs = [hs for kind, hs, _ in items if kind == "sync"]
         if added or syncs:
@@ -159,7 +192,7 @@ class KVTier:
 
     def _update_index(self, added: list[bytes], full: list[bytes] | None) -> None:
         if not self.breaker.allow():
-            self.stats.index_bypasses += 1
+            self._count("index_bypasses", 1)
             metrics.KV_TIER_BYPASSES.labels(self.name, "index").inc()
             return
         try:
@@ -169,7 +202,7 @@ class KVTier:
                 self.index.publish(self.config.replica_id, added)
         except TierUnavailableError as e:
             self.breaker.record_failure()
-            self.stats.index_bypasses += 1
+            self._count("index_bypasses", 1)
             metrics.KV_TIER_BYPASSES.labels(self.name, "index").inc()
             log.warning("prefix index update skipped: %s", e)
             return
@@ -191,53 +224,50 @@ class KVTier:
         if len(self._known) > _KNOWN_MAX:
             self._known.popitem(last=False)
 
-    # ---- read side (engine thread, on admission) --------------------------------------------
-    def load_prefix(self, request) -> CostDecision | None:
-        """Load the request's missing prefix blocks from the tier if that beats recomputing them.
-        Returns the cost model's decision (None when there was nothing to decide)."""
-        kv = self._kv
+    # ---- read side (engine thread; the round trips run on the loader thread) ------------------
+    def begin_load(self, request) -> bool:
+        """On admission. True: the tier holds the request while the loader thread looks up (and
+        maybe fetches) its missing prefix blocks; `ready` hands it back. False: queue it now."""
+        kv = self.kv
         hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
         num_local = leading_hits([h in kv.cached for h in hashes])
         if self.config.write_policy == "reused" and num_local:
             # Write on first reuse: these cached blocks just proved useful. Cached blocks are never
             # written again, so their KV is valid until they are evicted (not before this returns).
             self._export([(kv.cached[h].block_id, h) for h in hashes[:num_local] if h not in self._known])
-        missing = hashes[num_local:]
-        if len(missing) < self.config.min_fetch_blocks:
-            return None
+        missing = len(hashes) - num_local
+        if missing < self.config.min_fetch_blocks:
+            return False
         # If fetching every missing block would not pay, no shorter run would (the round trip's
         # latency is shared by fewer blocks): decide without asking Redis at all.
-        upper = self.cost.decide(len(missing), self.block_size, self.blob_bytes_per_block)
+        upper = self.cost.decide(missing, self.block_size, self.blob_bytes_per_block)
         if not upper.fetch:
-            self._decided(request, upper)
-            return upper
-        keys = [self.key(h) for h in missing]
-        t0 = time.perf_counter()
-        present = self.store.try_contains_many(keys)
-        if present is None:
-            self._bypass_read()
-            return None
-        self.cost.observe_transfer(0, time.perf_counter() - t0)
-        run = leading_hits(present)
-        self._count_blocks("miss", len(missing) - run)
-        if run == 0:
-            return None
-        decision = self.cost.decide(run, self.block_size, self.blob_bytes_per_block)
-        if not decision.fetch:
-            self._count_blocks("skipped", run)
-            self._decided(request, decision)
-            return decision
-        with self._decided(request, decision) as span:
-            span.set_attribute("kv_tier.blocks_loaded",
-                               self._fetch(hashes[:num_local], missing[:run], keys[:run]))
-        return decision
+            self.decided(request, upper)
+            return False
+        if self.breaker.bypassing():
+            self.bypass_read()
+            return False
+        return self.loader.submit(request, list(hashes))
 
-    def _decided(self, request, decision: CostDecision):
-        """Record a decision (stats, metrics, a span with its inputs); returns the span, ended on exit
-        of a `with` block or at once when the caller does not use one."""
+    def ready(self, wait: bool = False) -> list:
+        """Held requests to queue now (their blocks imported, or their deadline passed). `wait`:
+        the engine is idle, so wait a little for a fetch to end instead of spinning."""
+        return self.loader.ready(wait)
+
+    # ---- bookkeeping shared by the engine, loader and writer threads --------------------------
+    def loaded(self, hashes: list[bytes]) -> None:
+        """Blocks imported from the tier (engine thread): known to be there; now held here too."""
+        for h in hashes:
+            self._remember(h)
+        if self.index is not None:
+            self.writer.submit(("index", hashes, None))
+
+    def decided(self, request, decision: CostDecision):
+        """Record a decision (stats, metrics, a span with its inputs); returns the span, ended at
+        once for a recompute, by the caller after the fetch otherwise."""
         self.last_decision = decision
         kind = "fetch" if decision.fetch else "recompute"
-        setattr(self.stats, f"decisions_{kind}", getattr(self.stats, f"decisions_{kind}") + 1)
+        self._count(f"decisions_{kind}", 1)
         metrics.KV_TIER_DECISIONS.labels(self.name, kind).inc()
         span = start_span("kv_tier.load", attributes={"inference.request_id": request.request_id,
                                                        **decision.as_attributes()})
@@ -245,52 +275,25 @@ class KVTier:
             span.end()
         return span
 
-    def _fetch(self, prefix: list[bytes], hashes: list[bytes], keys: list[bytes]) -> int:
-        t0 = time.perf_counter()
-        blobs = self.store.try_get_many(keys)
-        if blobs is None:
-            self._bypass_read()
-            return 0
-        blocks, num_bytes, corrupt = [], 0, []
-        for h, k, blob in zip(hashes, keys, blobs):
-            if blob is None:            # evicted between EXISTS and GET: the run ends here
-                break
-            try:
-                blocks.append(self.codec.decode(h, blob))
-            except BlobError as e:
-                log.warning("KV tier block %s rejected, recomputing: %s", h.hex(), e)
-                corrupt.append(k)
-                break
-            num_bytes += len(blob)
-        if corrupt:
-            self._count_blocks("corrupt", 1)
-            self.store.delete_many(corrupt)
-        ids = self._kv.import_cached_blocks(prefix, hashes[:len(blocks)]) if blocks else []
-        if ids:
-            self._runner.import_blocks(ids, torch.stack(blocks[:len(ids)]))
-            for h in hashes[:len(ids)]:
-                self._remember(h)
-            if self.index is not None:
-                self.writer.submit(("index", hashes[:len(ids)], None))
-        seconds = time.perf_counter() - t0
-        self.cost.observe_transfer(num_bytes, seconds)
-        self._count_blocks("hit", len(ids))
-        self._count_blocks("miss", len(hashes) - len(ids) - len(corrupt))
-        self.stats.bytes_read += num_bytes
-        metrics.KV_TIER_BYTES.labels(self.name, "read").inc(num_bytes)
-        metrics.KV_TIER_FETCH_SECONDS.labels(self.name).observe(seconds)
-        return len(ids)
-
-    def _bypass_read(self) -> None:
-        self.stats.read_bypasses += 1
+    def bypass_read(self) -> None:
+        self._count("read_bypasses", 1)
         metrics.KV_TIER_BYPASSES.labels(self.name, "read").inc()
 
-    def _count_blocks(self, result: str, n: int) -> None:
+    def count_blocks(self, result: str, n: int) -> None:
         if n > 0:
-            setattr(self.stats, f"blocks_{result}", getattr(self.stats, f"blocks_{result}") + n)
+            self._count(f"blocks_{result}", n)
             metrics.KV_TIER_BLOCKS.labels(self.name, result).inc(n)
 
+    def count_bytes(self, direction: str, n: int) -> None:
+        self._count(f"bytes_{'read' if direction == 'read' else 'written'}", n)
+        metrics.KV_TIER_BYTES.labels(self.name, direction).inc(n)
+
+    def _count(self, field: str, n: int) -> None:
+        with self._stats_lock:
+            setattr(self.stats, field, getattr(self.stats, field) + n)
+
     def close(self) -> None:
+        self.loader.close()
         self.writer.close()
         self.store.close()
         if self.index is not None:

@@ -18,9 +18,10 @@ class KVTierConfig:
     socket_timeout_s: float = 0.25
     breaker_failures: int = 3           # consecutive failures that open the breaker
     breaker_cooldown_s: float = 2.0     # then a probe every cool-down
-    max_queue_blocks: int = 512         # the writer's queue; beyond it, writes are dropped
-    max_batch_blocks: int = 32          # blocks per pipelined write
+    max_queue_blocks: int = 512         # the writer's queue; beyond it, a step's blocks are dropped
+    max_batch_blocks: int = 32          # blocks per pipelined write (a whole step's blocks at least)
     min_fetch_blocks: int = 1           # shorter missing runs are recomputed without asking
+    load_timeout_s: float = 0.5         # a request held for its fetch then goes on without it
     # Which blocks go to the tier: "computed" = every full block this replica computes (a cold replica
     # can load anything); "reused" = a block on its first local prefix hit (writes only what has
     # proved shared; nothing at 0% hits).
@@ -48,6 +49,7 @@ class KVTierConfig:
         need(self.max_queue_blocks >= 1 and self.max_batch_blocks >= 1, "max_queue_blocks",
              ">= 1 (and max_batch_blocks >= 1)")
         need(self.min_fetch_blocks >= 1, "min_fetch_blocks", ">= 1")
+        need(self.load_timeout_s > 0, "load_timeout_s", "> 0")
         need(self.write_policy in ("computed", "reused"), "write_policy", '"computed" or "reused"')
         need(not self.index_namespace or bool(self.replica_id), "replica_id",
              "set when index_namespace is set")

@@ -107,3 +107,20 @@ def test_fp8_keeps_zero_blocks_exact():
     codec = BlockCodec(LAYOUT, "m", encoding="fp8")
     z = torch.zeros(LAYOUT.shape, dtype=torch.bfloat16)
     assert torch.equal(codec.decode(H[0], codec.encode(H[0], z)), z)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "fp8"])
+def test_batch_encoding_matches_one_by_one_from_a_layer_major_copy(encoding):
+    codec = BlockCodec(LAYOUT, "model-a", encoding)
+    hashes = block_hashes(list(range(16 * 5)), 16, salt="t")
+    blocks = torch.stack([block(seed=i) for i in range(5)])          # [n, L, 2, slots, heads, dim]
+    layer_major = blocks.permute(1, 2, 0, 3, 4, 5).contiguous()      # what KVTier gathers per step
+    blobs = codec.encode_batch(hashes, layer_major.permute(2, 0, 1, 3, 4, 5))
+    assert [bytes(b) for b in blobs] == [codec.encode(h, x) for h, x in zip(hashes, blocks)]
+    for h, b, x in zip(hashes, blobs, blocks):
+        y = codec.decode(h, bytes(b))
+        assert torch.equal(x, y) if encoding == "raw" else torch.allclose(x.float(), y.float(), rtol=0.07, atol=1e-3)
+    header_len = int.from_bytes(bytes(blobs[0][4:8]), "little")
+    assert (8 + header_len) % 16 == 0                                 # payloads stay aligned
+    with pytest.raises(ValueError, match="do not match"):
+        codec.encode_batch(hashes[:2], blocks)

@@ -79,3 +79,16 @@ def test_bad_settings_name_the_parameter():
         CircuitBreaker(failure_threshold=0)
     with pytest.raises(ValueError, match="cooldown_s"):
         CircuitBreaker(cooldown_s=0)
+
+
+def test_bypassing_tells_without_taking_the_probe():
+    now = [0.0]
+    b = CircuitBreaker(failure_threshold=1, cooldown_s=1.0, clock=lambda: now[0])
+    assert not b.bypassing()
+    b.record_failure()
+    assert b.bypassing() and b.state == "open"
+    now[0] = 1.5
+    assert not b.bypassing() and b.state == "open"     # a caller may probe now; nothing changed
+    assert b.allow() and b.bypassing()                  # the probe is out: everyone else bypasses
+    b.record_success()
+    assert not b.bypassing()

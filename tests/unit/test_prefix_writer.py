@@ -62,3 +62,26 @@ def test_submit_after_close_is_a_counted_drop():
 def test_bad_sizes_are_rejected():
     with pytest.raises(ValueError, match="max_queue"):
         AsyncWriter(lambda items: None, max_queue=0)
+
+
+def test_weights_bound_the_queue_and_the_batches():
+    release, entered = threading.Event(), threading.Event()
+    got = []
+
+    def sink(items):
+        entered.set()
+        release.wait(10)
+        got.append(list(items))
+
+    w = AsyncWriter(sink, max_queue=10, max_batch=6)
+    assert w.submit("first", weight=3)
+    assert entered.wait(10)
+    assert w.room == 10
+    assert w.submit("a", weight=4) and w.submit("b", weight=4) and not w.submit("c", weight=4)
+    assert w.room == 2 and w.queue_depth == 8 and w.stats.num_dropped == 4
+    w.count_dropped(5)
+    assert w.stats.num_dropped == 9
+    release.set()
+    w.close()
+    assert got == [["first"], ["a", "b"]]     # a batch takes items while under max_batch weight
+    assert w.stats.num_written == 11 and w.room == 0
