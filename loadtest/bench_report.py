@@ -20,6 +20,7 @@ class StepProfiler:
         self.engine, self.sync = engine, sync
         self.rows: list[dict] = []
         self._orig = (engine.scheduler.schedule, engine.runner.execute, engine.sampler, engine.step)
+        engine._can_overlap = lambda *a: False   # time whole synchronous steps (see LLMEngine._step_ahead)
         schedule, execute, sampler, step = self._orig
         cur: dict = {}
         perf = time.perf_counter
@@ -32,9 +33,9 @@ class StepProfiler:
                        else "prefill")
             return out
 
-        def timed_execute(scheduled):
+        def timed_execute(scheduled, **kwargs):
             t = perf()
-            out = execute(scheduled)
+            out = execute(scheduled, **kwargs)
             sync()
             cur["forward"] = perf() - t
             return out
@@ -53,7 +54,7 @@ class StepProfiler:
             cur.clear()
             t = perf()
             out = step()
-            if "forward" in cur:
+            if "forward" in cur and "batch" in cur:
                 total = perf() - t
                 row = {k: cur.get(k, 0.0) for k in ("schedule", "forward", "sample")}
                 row.update(total=total, other=total - sum(row.values()), batch=cur["batch"], kind=cur["kind"],
@@ -67,6 +68,7 @@ class StepProfiler:
     def detach(self) -> None:
         e = self.engine
         e.scheduler.schedule, e.runner.execute, e.sampler, e.step = self._orig
+        del e._can_overlap
 
     def summary(self) -> dict:
         out = {}

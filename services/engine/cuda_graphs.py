@@ -93,17 +93,19 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     # ---- replay -----------------------------------------------------------------------------
-    def can_run(self, scheduled: list[ScheduledRequest]) -> bool:
+    def can_run(self, scheduled: list[ScheduledRequest], ahead: bool = False) -> bool:
+        """`ahead`: the step's input tokens are not appended yet (they come from the device)."""
         if not self.graphs or len(scheduled) > self.max_batch:
             return False
         for s in scheduled:
             r = s.request
-            if s.num_new_tokens != 1 or r.spec_token_ids or r.num_computed_tokens + 1 != r.num_tokens \
-                    or r.num_tokens > self.max_context:
+            if s.num_new_tokens != 1 or r.spec_token_ids or r.num_computed_tokens + 1 != r.num_tokens + ahead \
+                    or r.num_computed_tokens + 1 > self.max_context:
                 return False
         return True
 
-    def run(self, scheduled: list[ScheduledRequest], compute_logits) -> tuple[torch.Tensor, list[list[int]]]:
+    def run(self, scheduled: list[ScheduledRequest], compute_logits,
+            input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
         n = len(scheduled)
         bs = next(b for b in self.buckets if b >= n)
         if self.copied is not None:
@@ -115,7 +117,8 @@ class DecodeGraphs:
         for i, s in enumerate(scheduled):
             r = s.request
             p = r.num_computed_tokens
-            ids[i] = r.token_ids[p]
+            if input_ids is None:
+                ids[i] = r.token_ids[p]
             pos[i] = p
             blocks = s.block_ids
             slots[i] = blocks[p // page] * page + p % page
@@ -134,6 +137,8 @@ class DecodeGraphs:
         self.i64.copy_(self.h64, non_blocking=True)
         end32 = 2 * m + 1 + bs * self.width
         self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
+        if input_ids is not None:                              # after the host copy, on the same stream
+            self.i64[:n].copy_(input_ids)
         self.copied = torch.cuda.Event()
         self.copied.record()
         self.graphs[bs].replay()

@@ -9,6 +9,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoTokenizer
 
 from services.engine.block_manager import BlockManager
@@ -16,11 +17,16 @@ from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.loader import load_config
 from services.engine.model_runner import ModelRunner
-from services.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from services.engine.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+)
 from services.engine.request import Request, RequestStatus
-from services.engine.sampler import Sampler
+from services.engine.sampler import Sampler, on_device, plain_sampling
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import ScheduledRequest, Scheduler
 from services.engine.spec_decode import Proposer
 from services.engine.speculator import Speculator
 
@@ -41,6 +47,16 @@ class RequestGroup:
     @property
     def finished(self) -> bool:
         return not self.pending and all(c.is_finished for c in self.children)
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    """A step launched on the GPU whose sampled tokens have not been read: `tokens` stays on the device
+    (the next step's input ids), `host` receives tokens then logprobs, `ready` marks the copy done."""
+    scheduled: list
+    tokens: object
+    host: object
+    ready: object
 
 
 class LLMEngine:
@@ -72,6 +88,7 @@ class LLMEngine:
         self._seq = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._inflight: InFlight | None = None   # a launched step whose tokens are not read yet
 
     def _eos_ids(self) -> frozenset[int]:
         ids = getattr(self.hf_config, "eos_token_id", None)
@@ -146,6 +163,8 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._inflight is not None:   # overlapped decoding (below): launch the next step, read this one
+            return self._step_ahead()
         if self.kv_tier is not None:   # [kv-tier] requests whose fetch ended (or timed out); idle: wait a bit
             for r in self.kv_tier.ready(wait=not self.scheduler.running and not self.scheduler.waiting):
                 self.scheduler.add(r)
@@ -166,6 +185,9 @@ class LLMEngine:
         if self.kv_tier is not None:   # [kv-tier] export blocks that just became full
             self.kv_tier.after_step(sched.scheduled, time.perf_counter() - t_exec)
         self.scheduler.update(sched.scheduled)
+        if self._can_overlap(sched.scheduled, rows):   # tokens are read next step, after launching it
+            self._inflight = self._launch_sampling(logits, sched.scheduled)
+            return []
         touched: dict[str, RequestGroup] = {}
         if sampling:
             reqs = [r for r, _ in sampling]
@@ -185,6 +207,9 @@ class LLMEngine:
             group = self.child_to_group.get(s.request)
             if group and group.pending and s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_pending(group)
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = []
         for group in touched.values():
             if group.output_kind == "final_only" and not group.finished:
@@ -195,6 +220,70 @@ class LLMEngine:
                 for c in group.children:
                     self.child_to_group.pop(c, None)
         return outputs
+
+    # ---- overlapped decoding (GPU) -------------------------------------------------------------
+    # While step n runs on the GPU, step n+1 is scheduled and launched with step n's tokens as its input
+    # ids straight from the device, and only then are step n's tokens read and processed (stop checks,
+    # detokenisation, outputs): the host's work hides behind the GPU's. A row launched for a request that
+    # step n then finishes (EOS, a stop string, an abort) is dropped. Only plain decoding overlaps (graph
+    # decode steps, temperature/greedy sampling with nothing that reads the newest token: no grammar,
+    # penalties, pending min_tokens, logprobs, speculation, KV tier), and only while no request waits.
+
+    def _can_overlap(self, scheduled: list, rows: list) -> bool:
+        if self.runner.graphs is None or self.speculator is not None or self.kv_tier is not None \
+                or self.scheduler.waiting or not scheduled:
+            return False
+        for s, r in zip(scheduled, rows):
+            req = s.request
+            sp = req.sampling_params
+            if not r or req.spec_token_ids or req.matcher is not None or not plain_sampling(req) \
+                    or sp.logprobs is not None or sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 \
+                    or sp.presence_penalty != 0.0 or req.num_output_tokens < sp.min_tokens \
+                    or self.child_to_group[req].pending:
+                return False
+        return True
+
+    def _launch_sampling(self, logits, scheduled: list) -> InFlight:
+        tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled])
+        return InFlight(scheduled, tokens, host, ready)
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        prev, self._inflight = self._inflight, None
+        self._inflight = self._launch_next(prev)   # may be None: the next step() is a synchronous one
+        prev.ready.synchronize()
+        values = prev.host.tolist()
+        n, now = len(prev.scheduled), time.time()
+        touched: dict[str, RequestGroup] = {}
+        for i, s in enumerate(prev.scheduled):
+            req = s.request
+            group = self.child_to_group.get(req)
+            if req.is_finished or group is None:   # finished or aborted while this step ran
+                continue
+            self._append(req, group, int(values[i]), values[n + i], None, now)
+            touched[group.request_id] = group
+        return self._outputs(touched)
+
+    def _launch_next(self, prev: InFlight) -> InFlight | None:
+        """Step n+1 for the requests of step n that are still running and cannot finish by length at n."""
+        if self.scheduler.waiting:
+            return None
+        keep, scheduled = [], []
+        for i, s in enumerate(prev.scheduled):
+            req = s.request
+            if req.is_finished or req.num_output_tokens + 1 >= req.max_tokens:
+                continue
+            if req.num_computed_tokens + 1 > self.max_model_len or not self.kv.allocate_slots(req, 1):
+                return None   # memory is short: the synchronous path preempts
+            keep.append(i)
+            scheduled.append(ScheduledRequest(req, 1, self.kv.block_ids(req.request_id)))
+        if not scheduled or not self.runner.graphs.can_run(scheduled, ahead=True):
+            return None
+        ids = prev.tokens
+        if len(keep) != len(prev.scheduled):
+            ids = ids[on_device(keep, torch.long, ids.device)]
+        logits, _ = self.runner.execute(scheduled, input_ids=ids)
+        self.scheduler.update(scheduled)
+        return self._launch_sampling(logits, scheduled)
 
     def _append(self, req: Request, group: RequestGroup, token: int, chosen_lp: float,
                 logprobs: dict[int, Logprob] | None, now: float) -> None:

@@ -101,8 +101,13 @@ class ModelRunner:
         return ids, pos, meta, logit_rows
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Returns logits [sum of rows, V] (float32) and, per request, its row indices into them."""
+    def execute(self, scheduled: list[ScheduledRequest],
+                input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+        """Returns logits [sum of rows, V] (float32) and, per request, its row indices into them.
+        `input_ids` (device, one per request): a decode step launched before the previous step's tokens
+        were appended (the engine's overlapped decoding); it runs on the CUDA graphs."""
+        if input_ids is not None:
+            return self.graphs.run(scheduled, self.model.compute_logits, input_ids)
         if self.graphs is not None and self.graphs.can_run(scheduled):
             return self.graphs.run(scheduled, self.model.compute_logits)
         ids, pos, meta, logit_rows = self.prepare(scheduled)

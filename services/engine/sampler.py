@@ -108,14 +108,14 @@ def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None,
     return q.to(device)
 
 
-def _plain(r: Request) -> bool:
+def plain_sampling(r: Request) -> bool:
     """Rows the fused sampler takes: greedy or temperature only, no per-request seed, no Mirostat."""
     sp = r.sampling_params
     return r.generator is None and sp.mirostat_mode == 0 and sp.top_k is None and sp.top_p >= 1.0 \
         and sp.min_p <= 0.0 and sp.typical_p >= 1.0
 
 
-def _on(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+def on_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small per-step tensor on the device. To a GPU through pinned memory, asynchronously: a plain
     host->device copy would make the host wait for the forward pass still running."""
     if device.type != "cuda":
@@ -175,23 +175,23 @@ class Sampler:
         """Temperature and truncation for sampled (non-greedy, non-Mirostat) rows. Returns new logits."""
         params = [r.sampling_params for r in requests]
         device = logits.device
-        temp = _on([sp.temperature or 1.0 for sp in params], torch.float32, device)
+        temp = on_device([sp.temperature or 1.0 for sp in params], torch.float32, device)
         logits = logits / temp[:, None]
         if any(sp.top_k is not None for sp in params):
-            k = _on([sp.top_k or logits.shape[1] for sp in params], torch.long, device)
+            k = on_device([sp.top_k or logits.shape[1] for sp in params], torch.long, device)
             logits = apply_top_k(logits, k)
         if any(sp.top_p < 1.0 for sp in params):
-            logits = apply_top_p(logits, _on([sp.top_p for sp in params], torch.float32, device))
+            logits = apply_top_p(logits, on_device([sp.top_p for sp in params], torch.float32, device))
         if any(sp.min_p > 0.0 for sp in params):
-            logits = apply_min_p(logits, _on([sp.min_p for sp in params], torch.float32, device))
+            logits = apply_min_p(logits, on_device([sp.min_p for sp in params], torch.float32, device))
         if any(sp.typical_p < 1.0 for sp in params):
-            logits = apply_typical_p(logits, _on([sp.typical_p for sp in params], torch.float32, device))
+            logits = apply_typical_p(logits, on_device([sp.typical_p for sp in params], torch.float32, device))
         return logits
 
     def __call__(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> SamplerOutput:
         logits = self.process_logits(logits.float(), requests, grammar_masks)
         params = [r.sampling_params for r in requests]
-        if logits.is_cuda and fused is not None and all(_plain(r) for r in requests):
+        if logits.is_cuda and fused is not None and all(plain_sampling(r) for r in requests):
             return self._fused(logits, requests, params)
         sampled = [i for i, sp in enumerate(params) if not sp.is_greedy and sp.mirostat_mode == 0]
         if len(sampled) == len(requests):        # all rows sample: no greedy argmax, no row gather
@@ -200,7 +200,7 @@ class Sampler:
         else:
             tokens = logits.argmax(-1)
             if sampled:
-                rows = _on(sampled, torch.long, logits.device)
+                rows = on_device(sampled, torch.long, logits.device)
                 probs = self.warp(logits[rows], [requests[i] for i in sampled]).softmax(-1)
                 tokens[rows] = (probs / self._noise(probs.shape, [requests[i] for i in sampled],
                                                     logits.device)).argmax(-1)
@@ -220,12 +220,25 @@ class Sampler:
     def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
         """GPU rows with temperature alone (or greedy), unseeded: one Triton pass per row (layers/fused.py)
         instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed."""
-        temp = _on([0.0 if sp.is_greedy else sp.temperature for sp in params], torch.float32, logits.device)
+        temp = on_device([0.0 if sp.is_greedy else sp.temperature for sp in params], torch.float32, logits.device)
         tokens, chosen = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         token_list = [int(t) for t in both[:len(requests)]]
         logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
+
+    def launch(self, logits: torch.Tensor, requests: list[Request]):
+        """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
+        receives tokens then logprobs, an event set once it has). For `plain_sampling` rows only."""
+        logits = self.process_logits(logits.float(), requests)
+        temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
+                         torch.float32, logits.device)
+        tokens, chosen = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+        host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=True)
+        host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return tokens, host, ready
 
     def _noise(self, shape, requests: list[Request], device) -> torch.Tensor:
         if device.type == "cuda":   # unseeded rows draw on the GPU: no [B, V] noise made on the host
