@@ -7,6 +7,10 @@ Prints the REST and gRPC endpoints with a curl and a Python gRPC example; Ctrl-C
 it started (Serve, Ray, Redis). `LocalStack` is also what the integration tests and the gateway
 benchmark start. Ray token auth (on by default in Ray 2.60) is turned off for this loopback-only
 stack unless RAY_AUTH_MODE is set; the Helm chart keeps it on.
+
+Ray starts through `init_ray`, which hands SERVE_ENV to every Ray process of the job (Serve's
+controller, proxies and replicas), not to this driver: the request path runs in the mode Ray calls
+throughput-optimized; a handle made in the driver keeps Serve's defaults (`.result()` from plain code).
 """
 from __future__ import annotations
 
@@ -27,6 +31,21 @@ from services.config import StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DIR = REPO / ".run"
+# Ray Serve's request path settings (ray/serve/_private/constants.py reads them when a Serve process
+# starts): what RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets, less direct ingress (ingress replicas on ports
+# of their own, proxies on the head node only: the chart's Service expects a proxy on every Ray pod).
+# Replica-to-replica gRPC takes messages as large as the gRPC proxy does, not gRPC's default 4 MiB:
+# an oversized prompt must still reach the gateway and get INVALID_ARGUMENT, not INTERNAL.
+# Measured with loadtest/bench_gateway.py (README, "Benchmarks"). The Helm chart sets the same in
+# the Ray pods' env (ray.serveEnv; tests/deploy check that they agree).
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",   # user code on the replica's loop: no thread hop
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",        # handles route on that loop (services/draft/remote.py)
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",                # proxy -> replica and handle calls over gRPC
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",    # access logs written in batches (ERROR flushes)
+    "RAY_SERVE_LOG_TO_STDERR": "0",                      # Serve logs to its files only (logs/serve/)
+}
 
 
 def _free_port() -> int:
@@ -69,15 +88,38 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env: dict[str, str] | None = None) -> None:
+    """A local Ray whose processes get `serve_env` (default SERVE_ENV; {} = Ray's defaults); a no-op
+    when Ray is already up in this process."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Replica processes import `services` from the repo (also when it is not pip-installed).
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     runtime_env={"env_vars": SERVE_ENV if serve_env is None else serve_env})
+            return
+        except Exception as e:
+            # Ray waits a fixed 30 s for its raylet to register; an overloaded machine can miss
+            # that once. Clean up the half-started node and try again, then give up loudly.
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+
+
 class LocalStack:
     """Ray + Serve (HTTP and gRPC proxies) + the application, started in this process."""
 
     def __init__(self, cfg: StackConfig, num_cpus: int | None = None, engine_cls: Any = None,
-                 log_to_driver: bool = True) -> None:
+                 log_to_driver: bool = True, serve_env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.num_cpus = num_cpus
         self.engine_cls = engine_cls
         self.log_to_driver = log_to_driver
+        self.serve_env = serve_env
 
     @property
     def http_url(self) -> str:
@@ -88,27 +130,13 @@ class LocalStack:
         return f"127.0.0.1:{self.cfg.grpc_port}"
 
     def start(self, ready_timeout_s: float = 300.0) -> "LocalStack":
-        import ray
         from ray import serve
         from ray.serve.config import gRPCOptions
 
         from services.app import APP_NAME, GRPC_SERVICER_FUNCTIONS, build_app_from_config
         from services.serving.llm_server import DEFAULT_ENGINE
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Replica processes import `services` from the repo (also when it is not pip-installed).
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        for attempt in (1, 2):
-            try:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver,
-                         ignore_reinit_error=True)
-                break
-            except Exception as e:
-                # Ray waits a fixed 30 s for its raylet to register; an overloaded machine can miss
-                # that once. Clean up the half-started node and try again, then give up loudly.
-                ray.shutdown()
-                if attempt == 2 or "timed out during startup" not in str(e):
-                    raise
+        init_ray(self.num_cpus, self.log_to_driver, self.serve_env)
         serve.start(http_options={"host": self.cfg.host, "port": self.cfg.http_port},
                     grpc_options=gRPCOptions(port=self.cfg.grpc_port,
                                              grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))

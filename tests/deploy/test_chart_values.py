@@ -77,6 +77,8 @@ BAD_VALUES = [
     ({"apiKeys": {"keys": [{"key": "0123456789abcdef"}]}}, "tenant"),
     ({"service": {"type": "ExternalName"}}, "type"),
     ({"replicaCount": 3}, "replicaCount"),
+    ({"ray": {"serveEnv": {"SERVE_LOG_TO_STDERR": "0"}}}, "SERVE_LOG_TO_STDERR"),
+    ({"ray": {"serveEnv": {"RAY_SERVE_LOG_TO_STDERR": 0}}}, "RAY_SERVE_LOG_TO_STDERR"),
 ]
 
 

@@ -107,6 +107,15 @@ def test_ray_version_matches_requirements():
     assert load_values(CHART / "values.yaml")["ray"]["version"] == pin.group(1)
 
 
+def test_ray_pods_run_serve_like_the_local_stack():
+    """Serve's request-path settings in every Ray pod are the ones `make run`, the integration tests
+    and the gateway benchmark start Ray with (services/run.py SERVE_ENV)."""
+    from services.run import SERVE_ENV  # noqa: PLC0415
+    assert load_values(CHART / "values.yaml")["ray"]["serveEnv"] == SERVE_ENV
+    for where, env in container_envs(rayservice({})):
+        assert {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")} == SERVE_ENV, where
+
+
 def _app_constants() -> dict[str, object]:
     app = REPO / "services" / "app.py"
     if not app.is_file():

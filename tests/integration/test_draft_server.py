@@ -1,7 +1,8 @@
 """The DraftServer on real Ray Serve: remote speculation gives the same greedy outputs as plain
-decoding, sequences stay on their replica (no state lost across 2 replicas), and stopping the
-service in the middle of a load fails no request (plain decoding meanwhile), then speculation
-resumes when the service is back."""
+decoding, sequences stay on their replica (no state lost across 2 replicas), also from inside an
+LLMServer replica where Serve routes handles on the replica's own event loop (services/run.py
+SERVE_ENV), and stopping the service in the middle of a load fails no request (plain decoding
+meanwhile), then speculation resumes when the service is back."""
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,10 @@ APP = "draft-test"
 def serve_draft(tiny_draft_dir):
     import ray
     from ray import serve
+
+    from services.run import init_ray
     owns_ray = not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    init_ray(num_cpus=2, log_to_driver=False)
 
     def deploy(num_replicas: int):
         serve.run(build_draft_app(tiny_draft_dir, num_replicas=num_replicas, device="cpu", num_kv_blocks=256),
@@ -68,6 +71,38 @@ def test_remote_greedy_identical_and_sticky(serve_draft, tiny_model_dir, referen
     stats = engine.speculator.stats
     assert stats.num_fallbacks == 0 and stats.acceptance_rate > 0.2
     assert proposer.tracker.num_lost == 0     # every sequence came back to the replica that holds it
+
+
+def test_remote_speculation_inside_an_llm_replica(serve_draft, tiny_model_dir, reference):
+    """The production wiring: LLMServer builds the proposer on its replica's loop, the engine
+    thread hands each step's calls to that loop; greedy outputs stay exact and guesses come back."""
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from services.config import StackConfig
+    from services.serving.llm_server import LLMServer
+    from services.serving.wire import ReplicaRequest
+
+    cfg = StackConfig.from_args({"model": tiny_model_dir, "auth_disabled": True, "engine_num_kv_blocks": 256,
+                                 "engine_speculative_method": "remote", "engine_speculative_adaptive": False})
+    llm = serve.run(serve.deployment(LLMServer, name="LLMServer", ray_actor_options={"num_cpus": 0}).bind(
+        cfg, draft_handle=serve_draft()), name="draft-llm-test", route_prefix=None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    try:
+        for i, prompt in enumerate(PROMPTS[:3]):
+            req = ReplicaRequest(f"llm-{i}", tokenizer.encode(prompt),
+                                 {"temperature": 0.0, "max_tokens": 40, "ignore_eos": True})
+            tokens = []
+            for chunk in llm.options(stream=True).generate.remote(req):
+                assert chunk.error is None
+                tokens += chunk.choices[0].token_ids
+            assert tokens == reference[prompt]
+        text = llm.metrics_text.remote().result().decode()
+    finally:
+        serve.delete("draft-llm-test")
+    proposed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("inference_spec_proposed_tokens_total{")]
+    assert proposed and proposed[0] > 0     # draft replies reached the engine thread
 
 
 async def test_stopping_the_draft_server_mid_load_fails_nothing(serve_draft, tiny_model_dir, reference):

@@ -88,14 +88,9 @@ async def test_service_object_compile_validate_and_errors(tiny_model_dir, redis_
 def serve_app(redis_url):
     import ray
     from ray import serve
-    for attempt in range(2):   # on a saturated 2-core runner Ray's 30 s raylet start wait can lapse once
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
+
+    from services.run import init_ray
+    init_ray(num_cpus=2, log_to_driver=False)   # Serve in the stack's mode; retries a slow raylet start
     yield serve
     serve.shutdown()
     ray.shutdown()

@@ -20,7 +20,8 @@ def serve_app(redis_url):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from services.run import init_ray
+    init_ray(num_cpus=2, log_to_driver=False)   # Serve in the stack's mode (services/run.py SERVE_ENV)
     namespace = f"t{uuid.uuid4().hex[:8]}"
 
     @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8,
