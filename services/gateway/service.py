@@ -38,16 +38,19 @@ class RayLLMClient:
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
         gen = self._stream.generate.remote(req)
+        finished = False
         try:
             async for chunk in gen:
                 yield chunk
+            finished = True
         except BackPressureError as e:
             raise APIError(429, f"All LLM replicas are at their queue limit; retry later. ({e.message})",
                            code="queue_full", retry_after=1.0) from None
         except DeploymentUnavailableError as e:
             raise APIError(503, f"No LLM replica can serve right now: {e.message}") from None
         finally:
-            gen.cancel()   # a no-op when finished; aborts the replica's request when we were cancelled
+            if not finished:   # we were cancelled or closed early: abort the replica's request
+                gen.cancel()   # (on a finished stream it would still cost a ray.cancel per request)
 
     async def call(self, method: str) -> Any:
         return await getattr(self._handle, method).remote()
