@@ -8,6 +8,10 @@ Three measurements, side by side:
      per request over gRPC streaming and over REST SSE: client send → first token message.
      Each stack request also reports the engine's own arrival → first-token time (timing.queue_s +
      timing.prefill_s), so the overhead is paired per request: client TTFT − engine TTFT.
+     Two stacks run at once, each in a process (and a Ray) of its own: one with Ray Serve's defaults
+     ("ray_defaults"), one with the settings `make run` and the chart use (services/run.py SERVE_ENV;
+     the top-level figures). Requests alternate between them, so other load on the machine hits
+     both alike and their difference holds even when the absolute figures drift.
 Requests are sequential (one at a time) with the same short prompt, so queueing does not blur
 the overhead. Prints one JSON document (medians and p90 in milliseconds).
 
@@ -21,8 +25,10 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,14 +134,15 @@ def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> dict[s
         server.shutdown()
 
 
-def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
+def _probes(grpc_target: str, http_url: str, model_name: str, key: str, max_tokens: int) -> dict[str, Any]:
+    """name -> a call to one stack: the stream calls return (client TTFT, engine TTFT), the hops a time."""
     import grpc
     import httpx
 
     from services.gen.inference.v1 import inference_pb2 as pb
     from services.gen.inference.v1 import inference_pb2_grpc as pbg
 
-    stub = pbg.InferenceStub(grpc.insecure_channel(stack.grpc_target))
+    stub = pbg.InferenceStub(grpc.insecure_channel(grpc_target))
     md = [("authorization", f"Bearer {key}")]
     req = pb.GenerateRequest(model=model_name, prompt=PROMPT, max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
@@ -148,7 +155,7 @@ def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int
             last = msg
         return ttft, last.timing.queue_s + last.timing.prefill_s
 
-    http = httpx.Client(base_url=stack.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    http = httpx.Client(base_url=http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     body = {"model": model_name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
 
@@ -167,33 +174,65 @@ def through_stack(stack: Any, model_name: str, key: str, n: int, max_tokens: int
                     final = chunk["timing"]
         return ttft, final["queue_s"] + final["prefill_s"]
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    def timed(fn):
+        def call() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return call
 
     # Ray Serve's own cost per hop, with no engine work: proxy → gateway (ListModels, /health) and
     # proxy → gateway → LLM replica (/ready).
-    hops = {"grpc_proxy_gateway": lambda: stub.ListModels(pb.ListModelsRequest(), metadata=md),
-            "rest_proxy_gateway": lambda: http.get("/health"),
-            "rest_proxy_gateway_replica": lambda: http.get("/ready")}
-    out: dict[str, dict[str, list[float]]] = {"hops": {}}
-    for name, fn in hops.items():
-        for _ in range(3):
-            fn()
-        out["hops"][name] = [timed(fn) for _ in range(n)]
-    for name, fn in (("grpc", grpc_one), ("rest", rest_one)):
-        for _ in range(3):
-            fn()   # warm-up
-        client, engine = zip(*(fn() for _ in range(n)))
-        out[name] = {"client": list(client), "engine": list(engine)}
-    http.close()
+    return {"grpc_proxy_gateway": timed(lambda: stub.ListModels(pb.ListModelsRequest(), metadata=md)),
+            "rest_proxy_gateway": timed(lambda: http.get("/health")),
+            "rest_proxy_gateway_replica": timed(lambda: http.get("/ready")),
+            "grpc": grpc_one, "rest": rest_one}
+
+
+def through_stacks(targets: dict[str, tuple[str, str]], model_name: str, key: str, n: int,
+                   max_tokens: int) -> dict[str, dict[str, Any]]:
+    """Per stack (name -> (grpc target, http url)): hop times and (client, engine) TTFTs. Requests
+    alternate between the stacks in a random order, so load from elsewhere hits them alike."""
+    probes = {name: _probes(g, h, model_name, key, max_tokens) for name, (g, h) in targets.items()}
+    out: dict[str, dict[str, Any]] = {name: {"hops": {}} for name in targets}
+    rng = random.Random(0)
+    for kind in next(iter(probes.values())):
+        for name in targets:
+            for _ in range(3):
+                probes[name][kind]()   # warm-up
+        results: dict[str, list] = {name: [] for name in targets}
+        for _ in range(n):
+            for name in rng.sample(list(targets), len(targets)):
+                results[name].append(probes[name][kind]())
+        for name, xs in results.items():
+            if kind in ("grpc", "rest"):
+                client, engine = zip(*xs)
+                out[name][kind] = {"client": list(client), "engine": list(engine)}
+            else:
+                out[name]["hops"][kind] = xs
     return out
+
+
+def serve_child(mode: str, config_args: str) -> int:
+    """`--serve-child MODE`: one stack in this process until stdin closes (the parent's signal)."""
+    from services.config import StackConfig
+    from services.run import SERVE_ENV, LocalStack
+
+    ready = os.fdopen(os.dup(1), "w")   # the parent reads only this; everything else goes to stderr
+    os.dup2(2, 1)
+    stack = LocalStack(StackConfig.from_args(json.loads(config_args)), num_cpus=max(2, os.cpu_count() or 2),
+                       log_to_driver=False, serve_env=SERVE_ENV if mode == "stack" else {}).start()
+    try:
+        print("ready", file=ready, flush=True)
+        sys.stdin.read()
+    finally:
+        stack.stop()
+    return 0
 
 
 def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     from services.config import StackConfig
-    from services.run import LocalStack
+    from services.run import SERVE_ENV
 
     engine_args = {"model": model, "max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8}
     local = engine_alone(engine_args, requests, max_tokens)
@@ -202,16 +241,37 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     keys = Path(tempfile.mkdtemp()) / "keys.json"
     key = "sk-bench"
     keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "bench"}]}))
-    cfg = StackConfig.from_args({"model": model, "http_port": _port(), "grpc_port": _port(), "host": "127.0.0.1",
-                                 "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}})
-    stack = LocalStack(cfg, num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False).start()
+    # Both Serve modes at once, each stack in a process (and Ray) of its own, started one by one.
+    children: dict[str, subprocess.Popen] = {}
+    targets: dict[str, tuple[str, str]] = {}
     try:
-        via = through_stack(stack, cfg.model_name, key, requests, max_tokens)
+        for mode in ("ray_defaults", "stack"):
+            http_port, grpc_port = _port(), _port()
+            args = {"model": model, "http_port": http_port, "grpc_port": grpc_port, "host": "127.0.0.1",
+                    "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}}
+            child = children[mode] = subprocess.Popen(
+                [sys.executable, "-m", "loadtest.bench_gateway", "--serve-child", mode, "--child-config",
+                 json.dumps(args)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+            for line in child.stdout:
+                if line.strip() == "ready":
+                    break
+            else:
+                raise RuntimeError(f"the {mode} stack did not start (exit {child.wait()})")
+            targets[mode] = (f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+        via_by_env = through_stacks(targets, StackConfig.from_args(args).model_name, key, requests, max_tokens)
     finally:
-        stack.stop()
+        for child in children.values():
+            child.stdin.close()
+        for child in children.values():
+            try:
+                child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                child.kill()
     result: dict[str, Any] = {
         "benchmark": "gateway_ttft_overhead", "model": model, "requests": requests, "max_tokens": max_tokens,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "serve_env": SERVE_ENV,
         "engine_alone_ttft": _q(alone),
         # What the paired figures below subtract: the engine's own stamps miss the loop's pickup
         # and the hand-back to asyncio, which engine-alone TTFT includes.
@@ -221,15 +281,24 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
                                                - statistics.median(alone)) * 1e3, 3),
     }
     pickup = statistics.median(alone) - statistics.median(local["internal"])
-    result["serve_round_trip_no_engine"] = {k: _q(v) for k, v in via.pop("hops").items()}
-    for name, d in via.items():
-        paired = [c - e for c, e in zip(d["client"], d["engine"])]
-        result[name] = {"client_ttft": _q(d["client"]), "engine_ttft_in_stack": _q(d["engine"]),
-                        "added_ttft_paired": _q(paired),
-                        "added_ttft_paired_net_of_engine_pickup_median_ms": round(
-                            (statistics.median(paired) - pickup) * 1e3, 3),
-                        "added_ttft_vs_engine_alone_median_ms": round(
-                            (statistics.median(d["client"]) - statistics.median(alone)) * 1e3, 3)}
+
+    def stack_figures(via: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"serve_round_trip_no_engine": {k: _q(v) for k, v in via.pop("hops").items()}}
+        for name, d in via.items():
+            paired = [c - e for c, e in zip(d["client"], d["engine"])]
+            out[name] = {"client_ttft": _q(d["client"]), "engine_ttft_in_stack": _q(d["engine"]),
+                         "added_ttft_paired": _q(paired),
+                         "added_ttft_paired_net_of_engine_pickup_median_ms": round(
+                             (statistics.median(paired) - pickup) * 1e3, 3),
+                         "added_ttft_vs_engine_alone_median_ms": round(
+                             (statistics.median(d["client"]) - statistics.median(alone)) * 1e3, 3)}
+        return out
+
+    result.update(stack_figures(via_by_env["stack"]))
+    result["ray_defaults"] = stack_figures(via_by_env["ray_defaults"])
+    result["stack_minus_ray_defaults_added_ttft_median_ms"] = {
+        name: round(result[name]["added_ttft_paired"]["median_ms"]
+                    - result["ray_defaults"][name]["added_ttft_paired"]["median_ms"], 3) for name in ("grpc", "rest")}
     return result
 
 
@@ -239,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--serve-child", choices=["ray_defaults", "stack"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.serve_child:
+        return serve_child(args.serve_child, args.child_config)
     result = run(args.model, args.requests, args.max_tokens)
     text = json.dumps(result, indent=2)
     print(text)
