@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--no-adaptive", action="store_true", help="fixed k, no batch-size cap")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU), float32, ...")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args()
@@ -76,11 +77,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     methods = [m for m in args.proposers.split(",") if m]
-    common = dict(model=args.target, device=args.device, num_kv_blocks=None, max_num_seqs=max(batches),
-                  kv_cache_memory_gb=1.0)
+    # A fixed KV size: on a GPU the default sizes the cache from free memory, which would leave the
+    # engines built after the first (plain, draft, speculative) without room.
+    blocks = 2 * max(batches) * -(-(args.prompt_tokens + args.max_tokens + args.k + 16) // 16)
+    common = dict(model=args.target, device=args.device, num_kv_blocks=blocks, max_num_seqs=max(batches),
+                  kv_cache_memory_gb=1.0, dtype=args.dtype)
     plain = LLMEngine(EngineConfig(**common))
     prompts = {b: make_prompts(plain.tokenizer, b, args.prompt_tokens) for b in batches}
-    run(plain, prompts[1][:1], 8, "warm")
+    for b in batches:   # warm-up at every batch size (kernels compile on first use)
+        run(plain, prompts[b], 8, f"warm{b}")
     base = {}
     for b in batches:
         base[b] = run(plain, prompts[b], args.max_tokens, f"plain{b}")
@@ -91,13 +96,15 @@ def main() -> None:
         handle = None
         if method == "remote":
             handle = start_draft_server(args)
-        proposer = build_proposer(method, draft_model=args.draft, device=args.device, draft_handle=handle,
-                                  **({"timeout_s": 5.0} if method == "remote" else {}))
+        extra = {"timeout_s": 5.0} if method == "remote" else \
+            {"num_kv_blocks": blocks, "dtype": args.dtype} if method == "draft" else {}
+        proposer = build_proposer(method, draft_model=args.draft, device=args.device, draft_handle=handle, **extra)
         spec = LLMEngine(EngineConfig(**common, speculative_method=method, num_speculative_tokens=args.k,
                                       speculative_adaptive=not args.no_adaptive,
                                       speculative_disable_batch_size=None if args.no_adaptive else 32),
                          {method: proposer})
-        run(spec, prompts[1][:1], 8, "warm")
+        for b in batches:
+            run(spec, prompts[b], 8, f"warm{b}")
         for b in batches:
             before = _snapshot(spec.speculator.stats)
             tps, outs = run(spec, prompts[b], args.max_tokens, f"{method}{b}")
@@ -116,7 +123,7 @@ def main() -> None:
     report = {"device": str(torch.device(args.device if args.device != "auto" else
                                          ("cuda" if torch.cuda.is_available() else "cpu"))),
               "torch_threads": torch.get_num_threads(), "target": args.target, "draft": args.draft,
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "k": args.k,
+              "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "k": args.k,
               "adaptive": not args.no_adaptive, "results": results}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

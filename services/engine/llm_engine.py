@@ -227,10 +227,11 @@ class LLMEngine:
     # detokenisation, outputs): the host's work hides behind the GPU's. A row launched for a request that
     # step n then finishes (EOS, a stop string, an abort) is dropped. Only plain decoding overlaps (graph
     # decode steps, temperature/greedy sampling with nothing that reads the newest token: no grammar,
-    # penalties, pending min_tokens, logprobs, speculation, KV tier), and only while no request waits.
+    # penalties, pending min_tokens, logprobs, KV tier; speculation only while the batch is too large
+    # for it to propose), and only while no request waits.
 
     def _can_overlap(self, scheduled: list, rows: list) -> bool:
-        if self.runner.graphs is None or self.speculator is not None or self.kv_tier is not None \
+        if self.runner.graphs is None or not self._speculation_off() or self.kv_tier is not None \
                 or self.scheduler.waiting or not scheduled:
             return False
         for s, r in zip(scheduled, rows):
@@ -242,6 +243,11 @@ class LLMEngine:
                     or self.child_to_group[req].pending:
                 return False
         return True
+
+    def _speculation_off(self) -> bool:
+        """No speculator, or the batch is above the size where it stops proposing (it resumes below)."""
+        cap = self.config.speculative_disable_batch_size
+        return self.speculator is None or (cap is not None and len(self.scheduler.running) > cap)
 
     def _launch_sampling(self, logits, scheduled: list) -> InFlight:
         tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled])
@@ -265,7 +271,7 @@ class LLMEngine:
 
     def _launch_next(self, prev: InFlight) -> InFlight | None:
         """Step n+1 for the requests of step n that are still running and cannot finish by length at n."""
-        if self.scheduler.waiting:
+        if self.scheduler.waiting or not self._speculation_off():
             return None
         keep, scheduled = [], []
         for i, s in enumerate(prev.scheduled):
