@@ -17,12 +17,7 @@ from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.loader import load_config
 from services.engine.model_runner import ModelRunner
-from services.engine.outputs import (
-    CompletionOutput,
-    Logprob,
-    RequestMetrics,
-    RequestOutput,
-)
+from services.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from services.engine.request import Request, RequestStatus
 from services.engine.sampler import Sampler, on_device, plain_sampling
 from services.engine.sampling_params import SamplingParams

@@ -209,19 +209,24 @@ class Sampler:
                 tokens[i] = self._mirostat(logits[i], r)
         # The chosen token's logprob from one logsumexp; whole log-softmax rows only when asked for.
         logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
-        picked = logits.gather(1, tokens[:, None]).squeeze(1)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1) if logprobs is not None \
-            else picked - torch.logsumexp(logits, -1)
+        if logprobs is not None:
+            chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        else:
+            chosen = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
         # One device->host transfer for tokens and their logprobs (float64 holds token ids exactly).
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         token_list = [int(t) for t in both[:len(requests)]]
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
-    def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
+    def _sample_fused(self, logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """GPU rows with temperature alone (or greedy), unseeded: one Triton pass per row (layers/fused.py)
         instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed."""
-        temp = on_device([0.0 if sp.is_greedy else sp.temperature for sp in params], torch.float32, logits.device)
-        tokens, chosen = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+        temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
+                         torch.float32, logits.device)
+        return fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+
+    def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
+        tokens, chosen = self._sample_fused(logits, requests)
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         token_list = [int(t) for t in both[:len(requests)]]
         logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
@@ -230,10 +235,7 @@ class Sampler:
     def launch(self, logits: torch.Tensor, requests: list[Request]):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
         receives tokens then logprobs, an event set once it has). For `plain_sampling` rows only."""
-        logits = self.process_logits(logits.float(), requests)
-        temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
-                         torch.float32, logits.device)
-        tokens, chosen = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+        tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests), requests)
         host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=True)
         host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=True)
         ready = torch.cuda.Event()
