@@ -47,7 +47,7 @@ class GrammarClient:
             await self._call("register_tokenizer", self.tokenizer_info.serialize_json())
             result = await self._call("compile_result", spec.to_dict(), self.fingerprint)
         if not result["ok"]:
-            if result["error"].get("type") == "UnknownTokenizerError":
+            if result["error"].get("type") in ("UnknownTokenizerError", "GrammarBusyError"):
                 raise GrammarServiceUnavailable(result["error"]["message"])
             raise GrammarError.from_dict(result["error"])
         handle = await asyncio.to_thread(GrammarHandle.from_serialized, result["serialized"],

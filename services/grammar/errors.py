@@ -38,6 +38,11 @@ class GrammarError(ValueError):
                    offset=d.get("offset"))
 
 
+class GrammarBusyError(RuntimeError):
+    """No compile worker could take the spec in time. Not the spec's fault: never cached, and the
+    caller answers 503 / UNAVAILABLE (a retry may succeed)."""
+
+
 class GrammarLimitError(GrammarError):
     """The spec is valid but past a configured limit (size, nesting, repetition, count)."""
 

@@ -20,7 +20,7 @@ import xgrammar as xgr
 
 from services.grammar.cache import GrammarCache
 from services.grammar.compiler import GrammarCompiler
-from services.grammar.errors import GrammarError
+from services.grammar.errors import GrammarBusyError, GrammarError
 from services.grammar.spec import GrammarLimits, GrammarSpec
 from services.grammar.tokenizer import fingerprint, tokenizer_info_from_model_dir
 from services.grammar.validate import validate_text
@@ -77,14 +77,14 @@ class GrammarService:
 
     async def compile_result(self, spec: dict, tokenizer_fingerprint: str) -> dict[str, Any]:
         """compile() as plain data: {"ok": True, serialized, source, compile_s} or
-        {"ok": False, "error": GrammarError.to_dict() | {"type": "UnknownTokenizerError", ...}}."""
+        {"ok": False, "error": GrammarError.to_dict() | {"type": "UnknownTokenizerError" | "GrammarBusyError", ...}}."""
         try:
             compiler = self._compiler(tokenizer_fingerprint)
             result = await asyncio.to_thread(compiler.compile, GrammarSpec.from_dict(spec))
         except GrammarError as e:
             return {"ok": False, "error": e.to_dict()}
-        except UnknownTokenizerError as e:
-            return {"ok": False, "error": {"type": "UnknownTokenizerError", "message": str(e)}}
+        except (UnknownTokenizerError, GrammarBusyError) as e:
+            return {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
         return {"ok": True, "serialized": result.serialized, "source": result.source,
                 "compile_s": result.compile_s}
 

@@ -18,7 +18,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from services.grammar.errors import GrammarError, GrammarTimeoutError
+from services.grammar.errors import GrammarBusyError, GrammarError, GrammarTimeoutError
 from services.grammar.spec import GrammarLimits, GrammarSpec
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class WorkerPool:
             try:
                 w = self._idle.get(timeout=self._startup_timeout_s)
             except queue.Empty:
-                raise GrammarError("the grammar compiler is overloaded; retry") from None
+                raise GrammarBusyError("the grammar compiler is overloaded; retry") from None
             tag, value = self._run(w, spec, timeout)
             if tag in ("ok", "error"):
                 self._idle.put(w)
@@ -157,7 +157,7 @@ class WorkerPool:
                                       "was stopped; simplify it: bounded repetitions ({m,n}) and string "
                                       "maxLength/minLength cost the most with large vocabularies", param=p)
         if tag == "not_started":
-            raise GrammarError("the grammar compiler is overloaded; retry")
+            raise GrammarBusyError("the grammar compiler is overloaded; retry")
         raise GrammarError(f"{p}: the grammar compiler crashed on this {spec.kind}; simplify it", param=p)
 
     def _run(self, w: _Worker, spec: GrammarSpec, timeout: float) -> tuple[str, object]:

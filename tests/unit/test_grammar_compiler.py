@@ -11,7 +11,7 @@ import xgrammar as xgr
 
 from services.grammar.cache import GrammarCache
 from services.grammar.compiler import GrammarCompiler, compile_spec, xgr_compiler
-from services.grammar.errors import GrammarError, GrammarLimitError, GrammarTimeoutError
+from services.grammar.errors import GrammarBusyError, GrammarError, GrammarLimitError, GrammarTimeoutError
 from services.grammar.matcher import GrammarHandle, _offline_compiler
 from services.grammar.spec import GrammarLimits, GrammarSpec
 from services.grammar.tokenizer import fingerprint
@@ -145,3 +145,20 @@ def test_a_request_during_warm_up_is_served_within_its_deadline(info):
 
 def test_offline_compiles_share_one_compiler_per_tokenizer(info):
     assert _offline_compiler(info) is _offline_compiler(info)
+
+
+def test_an_overloaded_pool_is_not_the_specs_fault(info):
+    """No worker free in time: GrammarBusyError (503 upstream), not cached, and the same spec
+    compiles once a worker is free."""
+    c = GrammarCompiler(info, limits=GrammarLimits(), num_workers=1, warm_up=False)
+    try:
+        busy = c.pool._idle.get(timeout=60)              # hold the only worker
+        c.pool._startup_timeout_s = 0.05
+        spec = GrammarSpec.regex("busy+")
+        with pytest.raises(GrammarBusyError, match="overloaded"):
+            c.compile(spec)
+        assert not issubclass(GrammarBusyError, ValueError)
+        c.pool._idle.put(busy)
+        assert c.compile(spec).source == "compiled"
+    finally:
+        c.close()
