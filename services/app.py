@@ -57,7 +57,8 @@ def build_app_from_config(cfg: StackConfig, engine_cls: Any = DEFAULT_ENGINE) ->
     if cfg.grammar_replicas > 0:   # 0 = each LLM replica compiles grammars in its own process
         from services.grammar.service import grammar_deployment
         grammar = grammar_deployment(cfg.grammar_replicas).bind(
-            model_dirs=[cfg.engine.tokenizer_path], redis_url=cfg.redis_url or None)
+            model_dirs=[cfg.engine.tokenizer_path], redis_url=cfg.redis_url or None, num_workers=cfg.grammar_workers,
+            compile_threads=cfg.grammar_compile_threads, warm_up=cfg.grammar_warm_up)
     draft = None
     if cfg.draft_replicas > 0:
         if not cfg.draft_model:

@@ -38,6 +38,9 @@ class StackConfig:
     llm_max_queued_requests: int = 128
     gateway_replicas: int = 1
     grammar_replicas: int = 1
+    grammar_workers: int = 1            # compile worker processes per GrammarService (or LLM) replica
+    grammar_compile_threads: int = 1    # xgrammar threads per compile
+    grammar_warm_up: bool = True        # workers compile the warm-up set while idle after start
     draft_replicas: int = 0
     redis_url: str = ""
     api_keys_file: str = ""
@@ -67,6 +70,8 @@ class StackConfig:
         need(self.llm_max_queued_requests >= 0, "llm_max_queued_requests", ">= 0")
         need(self.gateway_replicas >= 1, "gateway_replicas", ">= 1")
         need(self.grammar_replicas >= 0, "grammar_replicas", ">= 0")
+        need(self.grammar_workers >= 1, "grammar_workers", ">= 1")
+        need(self.grammar_compile_threads >= 1, "grammar_compile_threads", ">= 1")
         need(self.draft_replicas >= 0, "draft_replicas", ">= 0")
         need(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024")
         need(self.otel_exporter in OTEL_EXPORTERS, "otel_exporter", " or ".join(OTEL_EXPORTERS))

@@ -18,15 +18,17 @@ from services.grammar.tokenizer import tokenizer_info_from_hf
 
 _LOCK = threading.Lock()
 _COMPILERS: dict[tuple[int, int | None], "LocalCompiler"] = {}
-_SETTINGS: dict[str, Any] = {"redis_url": None, "limits": None, "num_workers": 1, "warm_up": True}
+_SETTINGS: dict[str, Any] = {"redis_url": None, "limits": None, "num_workers": 1, "warm_up": True,
+                             "compile_threads": 1}
 
 
 def configure(*, redis_url: str | None = None, limits: GrammarLimits | None = None, num_workers: int = 1,
-              warm_up: bool = True) -> None:
+              warm_up: bool = True, compile_threads: int = 1) -> None:
     """Settings for compilers created after this call (call before the first request). `warm_up`:
     workers compile the warm-up set while idle after start (about 25 s of one core at 128k tokens,
     beside the engine; off: first compiles of every feature are cold, seconds with bounded strings)."""
-    _SETTINGS.update(redis_url=redis_url or None, limits=limits, num_workers=num_workers, warm_up=warm_up)
+    _SETTINGS.update(redis_url=redis_url or None, limits=limits, num_workers=num_workers, warm_up=warm_up,
+                     compile_threads=compile_threads)
 
 
 class LocalCompiler:
@@ -34,7 +36,8 @@ class LocalCompiler:
         self.tokenizer_info = tokenizer_info_from_hf(tokenizer, vocab_size, stop_token_ids)
         self.compiler = GrammarCompiler(self.tokenizer_info, limits=_SETTINGS["limits"],
                                         cache=GrammarCache(_SETTINGS["redis_url"]),
-                                        num_workers=_SETTINGS["num_workers"], warm_up=_SETTINGS["warm_up"])
+                                        num_workers=_SETTINGS["num_workers"], warm_up=_SETTINGS["warm_up"],
+                                        compile_threads=_SETTINGS["compile_threads"])
         self._handles: OrderedDict[str, GrammarHandle] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -36,11 +36,12 @@ class UnknownTokenizerError(LookupError):
 class GrammarService:
     def __init__(self, model_dirs: list[str] | None = None, redis_url: str | None = None,
                  limits: dict | GrammarLimits | None = None, num_workers: int = 1,
-                 cache_entries: int = 512, compile_threads: int = 1) -> None:
+                 cache_entries: int = 512, compile_threads: int = 1, warm_up: bool = True) -> None:
         self.limits = limits if isinstance(limits, GrammarLimits) else GrammarLimits(**(limits or {}))
         self.cache = GrammarCache(redis_url or None, max_entries=cache_entries)
         self.num_workers = num_workers
         self.compile_threads = compile_threads
+        self.warm_up = warm_up
         self._compilers: dict[str, GrammarCompiler] = {}
         self._lock = threading.Lock()
         for d in model_dirs or []:
@@ -51,7 +52,7 @@ class GrammarService:
         with self._lock:
             if fp not in self._compilers:
                 self._compilers[fp] = GrammarCompiler(info, limits=self.limits, cache=self.cache,
-                                                      num_workers=self.num_workers,
+                                                      num_workers=self.num_workers, warm_up=self.warm_up,
                                                       compile_threads=self.compile_threads)
                 log.info("grammar service: tokenizer %s registered (vocab %d)", fp, info.vocab_size)
         return fp

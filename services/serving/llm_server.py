@@ -73,6 +73,10 @@ class LLMServer:
             from services.grammar.client import GrammarClient
             self._grammar_client = GrammarClient(grammar_handle, self._tokenizer,
                                                  vocab_size=self._engine.model_config.vocab_size)
+        else:   # this process's compilers share compilations through Redis too
+            from services.grammar import local
+            local.configure(redis_url=config.redis_url or None, num_workers=config.grammar_workers,
+                            warm_up=config.grammar_warm_up, compile_threads=config.grammar_compile_threads)
         self._draining = False
         self._collector = metrics.register_engine(self._engine.stats, self._model, _replica_id())
         inner = getattr(self._engine, "engine", None)   # AsyncEngine wraps the LLMEngine
