@@ -4,12 +4,16 @@ blocks on a background thread, so that no Redis round trip runs on the engine th
 Engine thread:
   submit(request, hashes)  hold a request whose missing blocks may be in the tier (KVTier.begin_load
                            has already asked the cost model whether fetching could pay at all);
-  ready(wait)              import what has been fetched into free cache blocks (registered under
-                           their hashes, so the scheduler's ordinary prefix lookup hits them) and
-                           return the requests to queue, with those whose deadline passed (they go
-                           on without their blocks). `wait`: the engine has nothing else to do, so
-                           block briefly for a job to end rather than spin.
-Loader thread, per batch of submitted jobs (one round trip each, whatever the number of requests):
+  ready(wait)              at the start of a step: hand the requests submitted since the previous
+                           step to the loader thread as one batch (so one round trip per step, and
+                           requests that arrived together are admitted together: a batch splits
+                           into two prefill steps otherwise); import what has been fetched into
+                           free cache blocks (registered under their hashes, so the scheduler's
+                           ordinary prefix lookup hits them) and return the requests to queue, with
+                           those whose deadline passed (they go on without their blocks). `wait`:
+                           the engine has nothing else to do, so block briefly for the batch rather
+                           than spin.
+Loader thread, per batch (one round trip each, whatever the number of requests):
   1. EXISTS of each job's first missing block: hashes chain, so a job whose first missing block is
      absent can load nothing (the common case at 0% hits: one tiny command per request);
   2. EXISTS of the other missing blocks of the jobs that passed 1 -> the run each could load;
@@ -57,7 +61,8 @@ class PrefixLoader:
         self._tier = tier
         self._timeout_s = timeout_s
         self._cond = threading.Condition()
-        self._todo: list[LoadJob] = []       # submitted, not yet taken by the loader thread
+        self._new: list[LoadJob] = []        # engine thread: submitted since the last ready()
+        self._todo: list[LoadJob] = []       # handed to the loader thread, not yet taken by it
         self._jobs: list[LoadJob] = []       # engine thread: not yet retired, in submission order
         self._claimed: set[bytes] = set()
         self._closed = False
@@ -72,12 +77,10 @@ class PrefixLoader:
 
     # ---- engine thread -----------------------------------------------------------------------
     def submit(self, request, hashes: list[bytes]) -> bool:
+        if self._closed:
+            return False
         job = LoadJob(request, hashes, time.monotonic() + self._timeout_s)
-        with self._cond:
-            if self._closed:
-                return False
-            self._todo.append(job)
-            self._cond.notify_all()
+        self._new.append(job)
         self._jobs.append(job)
         return True
 
@@ -85,6 +88,10 @@ class PrefixLoader:
         if not self._jobs:
             return []
         with self._cond:
+            if self._new:
+                self._todo.extend(self._new)
+                self._new = []
+                self._cond.notify_all()
             held = [j for j in self._jobs if not j.released]
             if wait and held and not any(j.done for j in self._jobs):
                 timeout = min(j.deadline for j in held) - time.monotonic()
@@ -171,6 +178,7 @@ class PrefixLoader:
         for job, p in zip(jobs, present):
             if not p:
                 tier.count_blocks("miss", len(job.hashes) - job.start)
+        self._finish([j for j in batch if j not in jobs] + [j for j, p in zip(jobs, present) if not p])
         jobs = [j for j, p in zip(jobs, present) if p]
         if not jobs:
             return
@@ -200,11 +208,21 @@ class PrefixLoader:
             job.claimed = job.hashes[start:start + run]
             claimed.update(job.claimed)
             fetches.append((job, span))
+        fetching = {id(job) for job, _ in fetches}
+        self._finish([j for j in jobs if id(j) not in fetching])
         if fetches:
             with self._cond:
                 for job, _ in fetches:
                     self._claimed.update(job.claimed)
             self._fetch(fetches)
+
+    def _finish(self, jobs: list[LoadJob]) -> None:
+        """Release jobs of a batch that have nothing more to do (no need to wait for its fetches)."""
+        if jobs:
+            with self._cond:
+                for job in jobs:
+                    job.done = True
+                self._cond.notify_all()
 
     def _exists(self, keys: list[bytes]) -> list[bool] | None:
         t0 = time.perf_counter()

@@ -3,9 +3,10 @@
 Calls from the engine, all on its thread, none of which waits on the network:
   on_block_full(block_id, hash)  the block manager's callback: the block will hold committed KV
                                  after this step (registered, not yet computed);
-  after_step(scheduled, secs)    after the forward pass: copy the blocks that just became full out of
-                                 the cache (one gather per step, layer-major) and queue them for the
-                                 writer thread; measure prefill speed;
+  after_step(scheduled, secs)    after the forward pass: copy the blocks to write out of the cache
+                                 (one gather per step, layer-major: write_policy "computed" = those
+                                 that just became full, "reused" = those hit on admission) and queue
+                                 them for the writer thread; measure prefill speed;
   begin_load(request)            on admission: if the request's missing full blocks could be worth
                                  fetching (cost model, no round trip), hold it while the loader
                                  thread looks them up and fetches them (loader.py); False = queue it;
@@ -82,7 +83,8 @@ class KVTier:
         self.loader = PrefixLoader(self, config.load_timeout_s)
         self.last_decision: CostDecision | None = None
         self._known: OrderedDict[bytes, None] = OrderedDict()
-        self._pending: list[tuple[int, bytes]] = []
+        self._pending: list[tuple[int, bytes]] = []   # (block id, hash): full after this step
+        self._reused: list[tuple[int, bytes]] = []    # (block id, hash): hit on admission ("reused")
         self._last_sync = 0.0
         self._evictions_seen: int | None = None
         self._evictions_checked = 0.0
@@ -121,15 +123,21 @@ class KVTier:
                 self.cost.observe_prefill(sum(s.num_new_tokens for s in scheduled), seconds)
             self._warm = True   # an engine's first prefill pays one-off allocations: not a sample
         pending, self._pending = self._pending, []
-        if pending:
+        reused, self._reused = self._reused, []
+        valid = []
+        if pending and (self.config.write_policy == "computed" or self.index is not None):
             computed = {b for s in scheduled for b in s.block_ids}
             # Only blocks this step computed and that still carry their hash hold the KV we name.
             valid = [(b, h) for b, h in pending
                      if b in computed and self.kv.blocks[b].block_hash == h]
-            if self.config.write_policy == "computed":
-                self._export([(b, h) for b, h in valid if h not in self._known])
             if self.index is not None:
                 self.writer.submit(("index", [h for _, h in valid], None))
+        if self.config.write_policy == "reused":
+            # Hit blocks are never written again while cached: a block still under its hash holds
+            # the KV it held when it was hit (one evicted meanwhile has lost or changed its hash).
+            valid = [(b, h) for b, h in reused if self.kv.blocks[b].block_hash == h]
+        if valid:
+            self._export([(b, h) for b, h in dict(valid).items() if h not in self._known])
         if self.index is not None and time.monotonic() - self._last_sync > self.config.index_sync_interval_s:
             self._last_sync = time.monotonic()
             self.writer.submit(("sync", list(self.kv.cached), None))
@@ -232,9 +240,9 @@ class KVTier:
         hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
         num_local = leading_hits([h in kv.cached for h in hashes])
         if self.config.write_policy == "reused" and num_local:
-            # Write on first reuse: these cached blocks just proved useful. Cached blocks are never
-            # written again, so their KV is valid until they are evicted (not before this returns).
-            self._export([(kv.cached[h].block_id, h) for h in hashes[:num_local] if h not in self._known])
+            # Write on first reuse: these cached blocks just proved useful. after_step copies them
+            # with the step's other blocks, off the admission path.
+            self._reused.extend((kv.cached[h].block_id, h) for h in hashes[:num_local] if h not in self._known)
         missing = len(hashes) - num_local
         if missing < self.config.min_fetch_blocks:
             return False

@@ -22,10 +22,13 @@ class KVTierConfig:
     max_batch_blocks: int = 32          # blocks per pipelined write (a whole step's blocks at least)
     min_fetch_blocks: int = 1           # shorter missing runs are recomputed without asking
     load_timeout_s: float = 0.5         # a request held for its fetch then goes on without it
-    # Which blocks go to the tier: "computed" = every full block this replica computes (a cold replica
-    # can load anything); "reused" = a block on its first local prefix hit (writes only what has
-    # proved shared; nothing at 0% hits).
-    write_policy: str = "computed"
+    # Which blocks go to the tier. "reused" (default) = a block on its first local prefix hit: only
+    # what has proved shared is written, nothing at 0% hits (on the 2-core box, writing every block
+    # costs 5-9% more CPU in the writer thread and redis-server, +4-7% wall time: README).
+    # Prefix-aware routing sends a prefix's second request to the replica that computed it, which
+    # then writes it, so a cold replica loads it from the third request on. "computed" = every full
+    # block this replica computes (a cold replica can load anything): for replicas with spare CPU.
+    write_policy: str = "reused"
     fetch_margin: float = 1.2           # fetch only if estimated fetch time * margin < recompute
     prior_prefill_tokens_per_s: float = 5_000.0   # until this replica has measured its own
     prior_bandwidth_bytes_per_s: float = 1e9

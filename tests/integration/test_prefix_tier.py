@@ -47,7 +47,8 @@ def reference(tiny_model_dir):
 @pytest.fixture(scope="module")
 def warm(tiny_model_dir, redis_url):
     ns = f"t{uuid.uuid4().hex[:8]}"
-    llm, tier = tier_llm(tiny_model_dir, redis_url=redis_url, index_namespace=ns, replica_id="warm")
+    llm, tier = tier_llm(tiny_model_dir, redis_url=redis_url, index_namespace=ns, replica_id="warm",
+                         write_policy="computed")
     yield llm, tier
     tier.close()
 
@@ -147,7 +148,8 @@ def test_corrupt_block_in_redis_is_detected_and_recomputed(redis_url, warm, cold
 
 
 def test_dead_redis_means_recompute_without_errors(cold, reference, prompts):
-    llm, tier = cold(redis_url="redis://127.0.0.1:9/0", socket_timeout_s=0.05, breaker_failures=2)
+    llm, tier = cold(redis_url="redis://127.0.0.1:9/0", socket_timeout_s=0.05, breaker_failures=2,
+                     write_policy="computed")
     assert run(llm, prompts[:2]) == reference(prompts[:2])
     tier.writer.flush(timeout_s=60)
     assert tier.stats.read_bypasses >= 1 and tier.breaker.stats.num_opens >= 1
@@ -186,7 +188,7 @@ def test_redis_killed_and_restarted_under_requests(cold, reference):
     server = RedisServer().start()
     try:
         llm, tier = cold(redis_url=server.url, socket_timeout_s=0.1, breaker_failures=2,
-                         breaker_cooldown_s=0.2)
+                         breaker_cooldown_s=0.2, write_policy="computed")
         ps = fresh()
         killer = threading.Timer(0.2, server.stop)      # mid-generation
         killer.start()
@@ -217,7 +219,8 @@ def test_redis_killed_and_restarted_under_requests(cold, reference):
 
 
 def test_write_on_first_reuse_writes_only_shared_blocks(redis_url, cold, reference, prompts):
-    llm, writer = cold(redis_url=redis_url, write_policy="reused")
+    llm, writer = cold(redis_url=redis_url)
+    assert writer.config.write_policy == "reused"             # the default
     run(llm, prompts[:1])
     writer.writer.flush(timeout_s=60)
     assert writer.stats.blocks_exported == 0 and writer.stats.bytes_written == 0   # nothing reused yet
@@ -281,9 +284,10 @@ class BlockedWrites(MemoryKVStore):
         return super().put_many(items)
 
 
-def test_a_backed_up_writer_drops_whole_steps_and_counts_them(cold, reference, prompts):
+def test_a_backed_up_writer_drops_what_has_no_room_and_counts_it(cold, reference, prompts):
     store = BlockedWrites()
-    llm, tier = cold(store=store, max_queue_blocks=8, prior_bandwidth_bytes_per_s=1e3)
+    llm, tier = cold(store=store, max_queue_blocks=8, prior_bandwidth_bytes_per_s=1e3,
+                     write_policy="computed")
     assert run(llm, prompts) == reference(prompts)
     assert tier.writer.stats.num_dropped > 0             # beyond the queue's 8 blocks: not even copied
     store.release.set()
