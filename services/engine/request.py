@@ -97,7 +97,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status in _FINISHED
+        return self.status.is_finished
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
