@@ -208,10 +208,14 @@ def test_spec_sampling_matches_plain_distribution(tiny_model_dir, tiny_draft_dir
 
 # ---- adaptivity and overrides -----------------------------------------------------------------------
 def test_adaptive_turns_a_useless_proposer_off(tiny_model_dir, plain):
-    llm = LLM(tiny_model_dir, proposers={"draft": BadProposer([5, 17, 300], [0.5, 0.3, 0.2])},
-              speculative_method="draft", **ENGINE)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    assert token_ids(llm, PROMPTS[:1], params) == token_ids(plain, PROMPTS[:1], params)
+    want = token_ids(plain, PROMPTS[:1], params)
+    # Guesses the target never emits here: none is accepted, whatever k the measured costs choose.
+    never = [t for t in range(5, 400) if t not in want[0][0]][:3]
+    llm = LLM(tiny_model_dir, proposers={"draft": BadProposer(never, [0.5, 0.3, 0.2])},
+              speculative_method="draft", **ENGINE)
+    assert token_ids(llm, PROMPTS[:1], params) == want
+    assert llm.engine.speculator.stats.num_accepted_tokens == 0
     stats = llm.engine.speculator.stats
     # A few steps to learn that guesses fail, then only the occasional probe with one guess.
     assert stats.num_verify_steps < 20 and stats.num_proposed_tokens < 40
