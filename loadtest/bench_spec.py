@@ -39,6 +39,14 @@ def make_prompts(tokenizer, n: int, num_tokens: int) -> list[list[int]]:
     return [ids[i * step % (len(ids) - num_tokens):][:num_tokens] for i in range(n)]
 
 
+def median_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str,
+               repeats: int) -> tuple[float, list[list[int]]]:
+    """The median tokens/s of `repeats` runs (a batch-64 run of 64 tokens lasts ~0.1 s on a GPU:
+    one run is at the mercy of a stray pause), and the first run's outputs."""
+    runs = [run(engine, prompts, max_tokens, f"{tag}r{i}") for i in range(repeats)]
+    return sorted(r[0] for r in runs)[repeats // 2], runs[0][1]
+
+
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -70,6 +78,7 @@ def main() -> None:
     ap.add_argument("--no-adaptive", action="store_true", help="fixed k, no batch-size cap")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU), float32, ...")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args()
     import torch  # noqa: PLC0415
@@ -88,7 +97,7 @@ def main() -> None:
         run(plain, prompts[b], 8, f"warm{b}")
     base = {}
     for b in batches:
-        base[b] = run(plain, prompts[b], args.max_tokens, f"plain{b}")
+        base[b] = median_run(plain, prompts[b], args.max_tokens, f"plain{b}", args.repeats)
         print(f"plain      batch {b:3d}: {base[b][0]:9.1f} tok/s", flush=True)
     del plain
     results = []
@@ -107,7 +116,7 @@ def main() -> None:
             run(spec, prompts[b], 8, f"warm{b}")
         for b in batches:
             before = _snapshot(spec.speculator.stats)
-            tps, outs = run(spec, prompts[b], args.max_tokens, f"{method}{b}")
+            tps, outs = median_run(spec, prompts[b], args.max_tokens, f"{method}{b}", args.repeats)
             d = {k: v - before[k] for k, v in _snapshot(spec.speculator.stats).items()}
             row = {"proposer": method, "batch": b, "tokens_per_s": round(tps, 1),
                    "baseline_tokens_per_s": round(base[b][0], 1), "speedup": round(tps / base[b][0], 3),
@@ -124,7 +133,7 @@ def main() -> None:
                                          ("cuda" if torch.cuda.is_available() else "cpu"))),
               "torch_threads": torch.get_num_threads(), "target": args.target, "draft": args.draft,
               "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "k": args.k,
-              "adaptive": not args.no_adaptive, "results": results}
+              "adaptive": not args.no_adaptive, "repeats": args.repeats, "results": results}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -37,14 +37,16 @@ class _Seq:
 class DraftModel:
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", num_kv_blocks: int | None = None,
                  kv_cache_memory_gb: float = 0.25, block_size: int = 16, top_probs: int = 8, seed: int = 0,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", catch_up_graph_len: int = 5):
         if top_probs < 1:
             raise ValueError(f"top_probs must be >= 1, got {top_probs}")
         self.config = EngineConfig(model=model_dir, device=device, dtype=dtype, num_kv_blocks=num_kv_blocks,
                                    kv_cache_memory_gb=kv_cache_memory_gb, block_size=block_size, seed=seed,
                                    enable_prefix_caching=False, load_format=load_format)
         self.hf_config = load_config(model_dir)
-        self.runner = ModelRunner(self.config, self.hf_config)
+        # The first pass of a call feeds the tokens the target accepted since the last one (at most
+        # k + 1): on a GPU, steps of up to `catch_up_graph_len` tokens per sequence replay CUDA graphs.
+        self.runner = ModelRunner(self.config, self.hf_config, spec_query_len=catch_up_graph_len)
         self.kv = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size

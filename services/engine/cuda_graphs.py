@@ -1,15 +1,22 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket, replayed instead of ~20 launches a layer.
 
-A decode step is one new token per running sequence (no prefill chunk, no draft tokens). Such a
-step's forward (embedding -> layers -> final norm) is captured once per bucket of batch sizes
-[1, 2, 4, 8, 16, 32, 48, ...] over static input tensors; a step of n sequences replays the smallest
-bucket >= n with the rows past n padded (query length 0, slot -1: the attention kernel skips them
-and writes nothing). Everything else runs eagerly: prefill and mixed steps, speculative steps,
-batches above the largest bucket, sequences longer than the graphs' block-table width, and the
-lm_head (only the n real rows, outside the graph, so no [bucket, vocab] buffer per graph).
+A decode step is one new token per running sequence (no prefill chunk). Such a step's forward
+(embedding -> layers -> final norm) is captured once per bucket of batch sizes [1, 2, 4, 8, 16, 32,
+48, ...] over static input tensors; a step of n sequences replays the smallest bucket >= n with the
+rows past n padded (query length 0, slot -1: the attention kernel skips them and writes nothing).
 
-The step's host inputs are packed into two pinned buffers (int64: ids, positions, slots; int32:
-query starts, context lengths, block tables) and sent with two asynchronous copies.
+A second set (`tokens_per_seq` = q > 1) serves speculative steps: each sequence feeds up to q
+tokens that end at its newest one (the target verifying its last token and k <= q - 1 guesses, or
+a draft model catching up on the tokens the target just accepted). Rows are packed back to back;
+the tokens past the step's total are padding. Only the rows that sample get logits: a sequence's
+last committed token and its guesses.
+
+Everything else runs eagerly: prefill and mixed steps, batches above the largest bucket, sequences
+longer than the graphs' block-table width, and the lm_head (only the rows that sample, outside the
+graph, so no [bucket, vocab] buffer per graph).
+
+The step's host inputs are packed into two pinned buffers (int64: ids, positions, slots, logit
+rows; int32: query starts, context lengths, block tables) and sent with two asynchronous copies.
 Needs a backend whose kernels read only device tensors (`TritonAttention`).
 """
 from __future__ import annotations
@@ -30,32 +37,33 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list, backend, block_size: int, max_batch: int, max_model_len: int,
-                 device: torch.device):
+                 device: torch.device, tokens_per_seq: int = 1, pool=None):
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.block_size = block_size
+        self.q = tokens_per_seq
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.max_context = min(max_model_len, MAX_GRAPH_CONTEXT)
         self.width = -(-self.max_context // block_size)
-        m, w = self.max_batch, self.width
+        t, m, w = self.max_batch * self.q, self.max_batch, self.width
         # Device inputs the graphs read; the host fills the pinned mirrors then copies.
-        self.i64 = torch.zeros(3 * m, dtype=torch.long, device=device)
+        self.i64 = torch.zeros(4 * t, dtype=torch.long, device=device)
         self.i32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32, device=device)
-        self.h64 = torch.zeros(3 * m, dtype=torch.long).pin_memory()
+        self.h64 = torch.zeros(4 * t, dtype=torch.long).pin_memory()
         self.h32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32).pin_memory()
         self.n64, self.n32 = self.h64.numpy(), self.h32.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool = pool         # shared by every graph of a runner: only one step runs at a time
         self.copied = None       # event after the last host->device copy: the pinned buffers are free again
         # Per table row: the block-id list last written there and how much of it (lists are live and
         # only grow while a request runs, so a row usually needs just its new tail, or nothing).
         self.rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.max_batch
 
     # ---- layout of the packed buffers -----------------------------------------------------------
-    def _v64(self, buf, bs: int):
-        m = self.max_batch
-        return buf[:bs], buf[m:m + bs], buf[2 * m:2 * m + bs]              # ids, positions, slots
+    def _v64(self, buf, n: int):
+        t = self.max_batch * self.q
+        return buf[:n], buf[t:t + n], buf[2 * t:2 * t + n]                # ids, positions, slots (per token)
 
     def _v32(self, buf, bs: int):
         m = self.max_batch
@@ -63,25 +71,26 @@ class DecodeGraphs:
         return buf[:bs + 1], buf[m + 1:m + 1 + bs], tables[:bs]           # query starts, seq lens, tables
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        ids, pos, slots = self._v64(self.i64, bs)
+        _, _, slots = self._v64(self.i64, bs * self.q)
         qsl, seq_lens, tables = self._v32(self.i32, bs)
         # max_seq_len = the graphs' longest context: the split count for long decodes is fixed at capture.
         return AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
-                                 query_lens_cpu=[1] * bs, seq_lens_cpu=[1] * bs, max_query_len=1,
+                                 query_lens_cpu=[self.q] * bs, seq_lens_cpu=[self.q] * bs, max_query_len=self.q,
                                  max_seq_len=self.max_context)
 
     # ---- capture ----------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self) -> None:
+        m, q = self.max_batch, self.q
         self.n64[:] = 0
-        self.n64[2 * self.max_batch:] = -1                      # slots: write nothing while capturing
+        self.n64[2 * m * q:3 * m * q] = -1                      # slots: write nothing while capturing
         self.n32[:] = 0
-        self.n32[:self.max_batch + 1] = np.arange(self.max_batch + 1)
-        self.n32[self.max_batch + 1:2 * self.max_batch + 1] = 1
+        self.n32[:m + 1] = np.arange(m + 1) * q
+        self.n32[m + 1:2 * m + 1] = q
         self.i64.copy_(self.h64)
         self.i32.copy_(self.h32)
         for bs in reversed(self.buckets):                      # largest first: smaller ones reuse its pool
-            ids, pos, _ = self._v64(self.i64, bs)
+            ids, pos, _ = self._v64(self.i64, bs * q)
             meta = self._meta(bs)
             self.model(ids, pos, self.kv_caches, meta, self.backend)   # warm-up: compiles the kernels
             torch.cuda.synchronize()
@@ -97,15 +106,46 @@ class DecodeGraphs:
         """`ahead`: the step's input tokens are not appended yet (they come from the device)."""
         if not self.graphs or len(scheduled) > self.max_batch:
             return False
-        for s in scheduled:
+        if self.q == 1:
+            for s in scheduled:
+                r = s.request
+                if s.num_new_tokens != 1 or r.spec_token_ids or r.num_computed_tokens + 1 != r.num_tokens + ahead \
+                        or r.num_computed_tokens + 1 > self.max_context:
+                    return False
+            return True
+        for s in scheduled:   # up to q tokens, ending at the newest one (guesses included)
             r = s.request
-            if s.num_new_tokens != 1 or r.spec_token_ids or r.num_computed_tokens + 1 != r.num_tokens + ahead \
-                    or r.num_computed_tokens + 1 > self.max_context:
+            end = r.num_computed_tokens + s.num_new_tokens
+            if s.num_new_tokens > self.q or end != r.num_tokens + len(r.spec_token_ids) or end > self.max_context:
                 return False
         return True
 
+    def _fill_tables(self, tables, scheduled: list[ScheduledRequest]) -> None:
+        rows = self.rows
+        for i, s in enumerate(scheduled):
+            blocks = s.block_ids
+            written, k = rows[i]
+            if written is not blocks:
+                k = 0
+            if k != len(blocks):
+                tables[i, k:len(blocks)] = blocks[k:]
+                rows[i] = (blocks, len(blocks))
+
+    def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.i64.copy_(self.h64, non_blocking=True)
+        end32 = 2 * self.max_batch + 1 + bs * self.width
+        self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
+        if input_ids is not None:                              # after the host copy, on the same stream
+            self.i64[:input_ids.shape[0]].copy_(input_ids)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        self.graphs[bs].replay()
+        return self.hidden[bs]
+
     def run(self, scheduled: list[ScheduledRequest], compute_logits,
             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+        if self.q > 1:
+            return self._run_multi(scheduled, compute_logits)
         n = len(scheduled)
         bs = next(b for b in self.buckets if b >= n)
         if self.copied is not None:
@@ -113,7 +153,6 @@ class DecodeGraphs:
         ids, pos, slots = self._v64(self.n64, bs)
         qsl, seq_lens, tables = self._v32(self.n32, bs)
         page = self.block_size
-        rows = self.rows
         for i, s in enumerate(scheduled):
             r = s.request
             p = r.num_computed_tokens
@@ -122,25 +161,48 @@ class DecodeGraphs:
             pos[i] = p
             blocks = s.block_ids
             slots[i] = blocks[p // page] * page + p % page
-            written, k = rows[i]
-            if written is not blocks:
-                k = 0
-            if k != len(blocks):
-                tables[i, k:len(blocks)] = blocks[k:]
-                rows[i] = (blocks, len(blocks))
+        self._fill_tables(tables, scheduled)
         ids[n:], pos[n:], slots[n:] = 0, 0, -1
         qsl[:n + 1] = np.arange(n + 1)
         qsl[n + 1:] = n                                        # padded rows: query length 0
         seq_lens[:n] = pos[:n] + 1
         seq_lens[n:] = 0
-        m = self.max_batch
-        self.i64.copy_(self.h64, non_blocking=True)
-        end32 = 2 * m + 1 + bs * self.width
-        self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
-        if input_ids is not None:                              # after the host copy, on the same stream
-            self.i64[:n].copy_(input_ids)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
-        self.graphs[bs].replay()
-        logits = compute_logits(self.hidden[bs][:n])
-        return logits, [[i] for i in range(n)]
+        hidden = self._launch(bs, input_ids)
+        return compute_logits(hidden[:n]), [[i] for i in range(n)]
+
+    def _run_multi(self, scheduled: list[ScheduledRequest], compute_logits) -> tuple[torch.Tensor, list[list[int]]]:
+        n = len(scheduled)
+        bs = next(b for b in self.buckets if b >= n)
+        if self.copied is not None:
+            self.copied.synchronize()
+        cap = bs * self.q
+        ids, pos, slots = self._v64(self.n64, cap)
+        t = self.max_batch * self.q
+        sample = self.n64[3 * t:]                               # flat rows that get logits
+        qsl, seq_lens, tables = self._v32(self.n32, bs)
+        page = self.block_size
+        k = rows_out = 0
+        out_rows = []
+        for i, s in enumerate(scheduled):
+            r = s.request
+            start, q = r.num_computed_tokens, s.num_new_tokens
+            tokens = r.token_ids + r.spec_token_ids if r.spec_token_ids else r.token_ids
+            blocks = s.block_ids
+            for j in range(q):
+                p = start + j
+                ids[k + j], pos[k + j], slots[k + j] = tokens[p], p, blocks[p // page] * page + p % page
+            qsl[i] = k
+            seq_lens[i] = start + q
+            first = k + r.num_tokens - 1 - start               # the last committed token, then the guesses
+            num = k + q - first
+            sample[rows_out:rows_out + num] = np.arange(first, k + q)
+            out_rows.append(list(range(rows_out, rows_out + num)))
+            rows_out += num
+            k += q
+        self._fill_tables(tables, scheduled)
+        ids[k:], pos[k:], slots[k:] = 0, 0, -1
+        qsl[n:] = k                                            # padded rows: query length 0
+        seq_lens[n:] = 0
+        hidden = self._launch(bs)
+        idx = self.i64[3 * t:3 * t + rows_out]
+        return compute_logits(hidden.index_select(0, idx)), out_rows

@@ -25,7 +25,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config):
+    def __init__(self, config: EngineConfig, hf_config, spec_query_len: int | None = None):
+        """`spec_query_len`: the most tokens per sequence of the steps that also get CUDA graphs
+        (speculative steps); default: 1 + num_speculative_tokens when the config speculates."""
         self.config = config
         self.hf_config = hf_config
         self.device = resolve_device(config.device)
@@ -44,7 +46,10 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-        self.graphs = self._capture_graphs()   # GPU decode steps replay CUDA graphs (cuda_graphs.py)
+        if spec_query_len is None and config.speculative_method is not None:
+            spec_query_len = config.num_speculative_tokens + 1
+        # GPU decode and speculative steps replay CUDA graphs (cuda_graphs.py)
+        self.graphs, self.spec_graphs = self._capture_graphs(spec_query_len or 1)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -108,8 +113,9 @@ class ModelRunner:
         were appended (the engine's overlapped decoding); it runs on the CUDA graphs."""
         if input_ids is not None:
             return self.graphs.run(scheduled, self.model.compute_logits, input_ids)
-        if self.graphs is not None and self.graphs.can_run(scheduled):
-            return self.graphs.run(scheduled, self.model.compute_logits)
+        for graphs in (self.graphs, self.spec_graphs):
+            if graphs is not None and graphs.can_run(scheduled):
+                return graphs.run(scheduled, self.model.compute_logits)
         ids, pos, meta, logit_rows = self.prepare(scheduled)
         hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
         flat = [row for rows in logit_rows for row in rows]
@@ -121,16 +127,24 @@ class ModelRunner:
             k += len(rows)
         return logits, out_rows
 
-    def _capture_graphs(self):
-        """CUDA graphs need a GPU, graphs allowed (enforce_eager off) and a graph-safe backend."""
+    def _capture_graphs(self, spec_query_len: int):
+        """CUDA graphs need a GPU, graphs allowed (enforce_eager off) and a graph-safe backend.
+        Speculative graphs only up to the batch size where speculation turns off."""
         if self.device.type != "cuda" or self.config.enforce_eager or not getattr(self.backend, "graph_safe", False):
-            return None
+            return None, None
         from services.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
-        max_len = self.config.max_model_len or self.hf_config.max_position_embeddings
-        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size,
-                              self.config.max_num_seqs, max_len, self.device)
+        c = self.config
+        max_len = c.max_model_len or self.hf_config.max_position_embeddings
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size, c.max_num_seqs, max_len,
+                              self.device)
         graphs.capture()
-        return graphs
+        if spec_query_len <= 1:
+            return graphs, None
+        spec = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size,
+                            min(c.max_num_seqs, c.speculative_disable_batch_size or c.max_num_seqs), max_len,
+                            self.device, tokens_per_seq=spec_query_len, pool=graphs.pool)
+        spec.capture()
+        return graphs, spec
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:

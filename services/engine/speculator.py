@@ -25,7 +25,7 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.request import Request
-from services.engine.sampler import Sampler
+from services.engine.sampler import Sampler, on_device
 from services.engine.spec_decode import (Proposal, ProposalInput, Proposer, ProposerUnavailable, accept_guess,
                                          best_num_tokens, residual, sample_from, uniform)
 
@@ -134,6 +134,10 @@ class Speculator:
         for rid in gone:
             st = self._seqs.pop(rid)
             self.proposers[st.method].release([rid])
+        cap = self.config.speculative_disable_batch_size
+        if cap is not None and len(running) > cap:   # verify() has cleared every request's guesses
+            self.stats.num_skipped_steps += 1
+            return
         by_method: dict[str, list[tuple[Request, int]]] = {}
         candidates = []
         for r in running:
@@ -143,10 +147,6 @@ class Speculator:
                 method = self.method_for(r)
                 if method is not None:
                     candidates.append((r, method))
-        cap = self.config.speculative_disable_batch_size
-        if cap is not None and len(running) > cap:
-            self.stats.num_skipped_steps += bool(candidates)
-            return
         for r, method in candidates:
             k = self._choose_k(r, method)
             if k > 0:
@@ -191,40 +191,12 @@ class Speculator:
         m = logits.shape[0] - 1
         guesses = req.spec_token_ids[:m]
         sp = req.sampling_params
-        greedy = sp.is_greedy
-        gen = req.generator or self.sampler.generator
         # Without penalties, grammar or a pending min_tokens ban, processing does not depend on the
         # tokens appended in between: all m+1 rows can be processed at once.
         stateless = (req.matcher is None and req.num_output_tokens >= sp.min_tokens
                      and sp.repetition_penalty == 1.0 and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0)
-        rows = probs = None
-        if stateless:
-            rows = self.sampler.process_logits(logits.float().clone(), [req] * (m + 1))
-            probs = None if greedy else self.sampler.warp(rows, [req] * (m + 1)).softmax(-1)
-        accepted = checked = 0
-        for j in range(m + 1):
-            if stateless:
-                row, p = rows[j], None if greedy else probs[j]
-            else:
-                row = self.sampler.process_logits(logits[j:j + 1].float().clone(), [req])[0]
-                p = None if greedy else self.sampler.warp(row[None], [req]).softmax(-1)[0]
-            is_guess = j < m
-            if greedy:
-                token = int(row.argmax())
-                ok = is_guess and token == guesses[j]
-            elif is_guess:
-                x = guesses[j]
-                ok = accept_guess(float(p[x]), proposal.q_of(j, x), uniform(gen))
-                token = x if ok else sample_from(residual(p, proposal.q_dense(j, self.vocab_size, p.device)), gen)
-            else:
-                ok, token = False, sample_from(p, gen)   # the bonus token
-            logprobs = row.log_softmax(-1)
-            emit(token, float(logprobs[token]), Sampler._logprobs(logprobs[None], [token], [req])[0])
-            accepted += ok
-            checked += is_guess
-            self.stats.num_emitted_tokens += 1
-            if not ok or req.is_finished:
-                break
+        verify_rows = self._verify_stateless if stateless else self._verify_row_by_row
+        accepted, checked = verify_rows(req, logits, proposal, guesses, emit)
         self.stats.num_verify_steps += 1
         self.stats.num_proposed_tokens += m
         self.stats.num_accepted_tokens += accepted
@@ -235,6 +207,79 @@ class Speculator:
         if not req.is_finished:
             req.num_computed_tokens -= m - accepted
         req.spec_token_ids = []
+
+    def _emit(self, req: Request, emit: Emit, token: int, logprob: float, lsm_row: torch.Tensor) -> None:
+        lps = Sampler._logprobs(lsm_row[None], [token], [req])[0] if req.sampling_params.logprobs is not None else None
+        emit(token, logprob, lps)
+        self.stats.num_emitted_tokens += 1
+
+    def _verify_stateless(self, req: Request, logits: torch.Tensor, proposal: Proposal, guesses: list[int],
+                          emit: Emit) -> tuple[int, int]:
+        """Every row processed at once, and one read from the device for the decisions (greedy), or
+        two plus one per sampled token (sampling)."""
+        m = len(guesses)
+        rows = self.sampler.process_logits(logits.float().clone(), [req] * (m + 1))
+        lsm = rows.log_softmax(-1)
+        if req.sampling_params.is_greedy:
+            best = rows.argmax(-1)
+            flat = torch.cat([best.double(), lsm.gather(1, best[:, None])[:, 0].double()]).tolist()
+            tokens, chosen = [int(t) for t in flat[:m + 1]], flat[m + 1:]
+            j = 0
+            while True:   # the bonus row (j = m) always ends it
+                ok = j < m and tokens[j] == guesses[j]
+                self._emit(req, emit, tokens[j], chosen[j], lsm[j])
+                if not ok or req.is_finished:
+                    return j + ok, min(j + 1, m)
+                j += 1
+        gen = req.generator or self.sampler.generator
+        probs = self.sampler.warp(rows, [req] * (m + 1)).softmax(-1)
+        if m:
+            idx = on_device(guesses, torch.long, rows.device)
+            ar = torch.arange(m, device=rows.device)
+            p_x, lp_x = torch.stack([probs[ar, idx], lsm[ar, idx]]).tolist()
+        for j in range(m):
+            x = guesses[j]
+            if not accept_guess(p_x[j], proposal.q_of(j, x), uniform(gen)):
+                token = sample_from(residual(probs[j], proposal.q_dense(j, self.vocab_size, probs.device)), gen)
+                self._emit(req, emit, token, float(lsm[j, token]), lsm[j])
+                return j, j + 1
+            self._emit(req, emit, x, lp_x[j], lsm[j])
+            if req.is_finished:
+                return j + 1, j + 1
+        token = sample_from(probs[m], gen)   # the bonus token
+        self._emit(req, emit, token, float(lsm[m, token]), lsm[m])
+        return m, m
+
+    def _verify_row_by_row(self, req: Request, logits: torch.Tensor, proposal: Proposal, guesses: list[int],
+                           emit: Emit) -> tuple[int, int]:
+        """Processing reads the tokens appended so far (penalties, grammar, min_tokens): row j is
+        processed after the tokens before it are emitted."""
+        m = len(guesses)
+        greedy = req.sampling_params.is_greedy
+        gen = req.generator or self.sampler.generator
+        accepted = checked = 0
+        for j in range(m + 1):
+            row = self.sampler.process_logits(logits[j:j + 1].float().clone(), [req])[0]
+            lsm = row.log_softmax(-1)
+            is_guess = j < m
+            if greedy:
+                token = int(row.argmax())
+                ok = is_guess and token == guesses[j]
+            else:
+                p = self.sampler.warp(row[None], [req]).softmax(-1)[0]
+                if is_guess:
+                    x = guesses[j]
+                    ok = accept_guess(float(p[x]), proposal.q_of(j, x), uniform(gen))
+                    token = x if ok else sample_from(residual(p, proposal.q_dense(j, self.vocab_size, p.device)),
+                                                     gen)
+                else:
+                    ok, token = False, sample_from(p, gen)   # the bonus token
+            self._emit(req, emit, token, float(lsm[token]), lsm)
+            accepted += ok
+            checked += is_guess
+            if not ok or req.is_finished:
+                break
+        return accepted, checked
 
     def close(self) -> None:
         for p in self.proposers.values():
