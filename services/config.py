@@ -21,6 +21,9 @@ from services.engine.config import TINY_MODEL, EngineConfig
 PREFIX = "INFER_"
 ENGINE_PREFIX = "ENGINE_"
 OTEL_EXPORTERS = ("none", "console", "otlp")
+# KVTierConfig.write_policy's values, spelled here too: services/prefix_cache/tier_config.py imports
+# torch, which the gateway never loads (tests/unit/test_stack_config.py checks the two agree).
+KV_TIER_WRITE_POLICIES = ("computed", "reused")
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,6 +46,10 @@ class StackConfig:
     grammar_warm_up: bool = True        # workers compile the warm-up set while idle after start
     draft_replicas: int = 0
     redis_url: str = ""
+    # Which blocks the replica's KV tier writes to Redis (KVTierConfig.write_policy): "reused" = a
+    # block on its first local prefix hit (nothing at 0% hits), "computed" = every full block (a cold
+    # replica can load anything; +4-7% wall time on the 2-core box: README).
+    kv_tier_write_policy: str = "reused"
     api_keys_file: str = ""
     auth_disabled: bool = False
     max_body_bytes: int = 1048576
@@ -79,6 +86,8 @@ class StackConfig:
              "an OTLP gRPC URL (e.g. http://otel-collector:4317) when INFER_OTEL_EXPORTER=otlp")
         need(not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              "redis_url", 'a redis:// URL or "" (no Redis tier)')
+        need(self.kv_tier_write_policy in KV_TIER_WRITE_POLICIES, "kv_tier_write_policy",
+             " or ".join(map(repr, KV_TIER_WRITE_POLICIES)))
         need(not self.api_keys_file or Path(self.api_keys_file).is_file(), "api_keys_file",
              "an existing YAML/JSON file or \"\"")
 

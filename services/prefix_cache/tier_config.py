@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .blob import ENCODINGS
 
+WRITE_POLICIES = ("computed", "reused")   # services/config.py KV_TIER_WRITE_POLICIES spells them too
+
 
 @dataclass(slots=True, frozen=True)
 class KVTierConfig:
@@ -53,7 +55,7 @@ class KVTierConfig:
              ">= 1 (and max_batch_blocks >= 1)")
         need(self.min_fetch_blocks >= 1, "min_fetch_blocks", ">= 1")
         need(self.load_timeout_s > 0, "load_timeout_s", "> 0")
-        need(self.write_policy in ("computed", "reused"), "write_policy", '"computed" or "reused"')
+        need(self.write_policy in WRITE_POLICIES, "write_policy", " or ".join(map(repr, WRITE_POLICIES)))
         need(not self.index_namespace or bool(self.replica_id), "replica_id",
              "set when index_namespace is set")
 

@@ -56,7 +56,8 @@ class LLMServer:
         self._model = config.model_name
         # [kv-tier] Redis KV tier + prefix index for this replica (None without INFER_REDIS_URL);
         # the namespace is the one the router reads (services/app.py: cfg.model_name).
-        kv_tier = kv_tier_for_replica(config.redis_url, config.model_name, _replica_id())
+        kv_tier = kv_tier_for_replica(config.redis_url, config.model_name, _replica_id(),
+                                      write_policy=config.kv_tier_write_policy)
         engine_kwargs: dict[str, Any] = {"kv_tier": kv_tier} if kv_tier else {}
         method = config.engine.speculative_method
         if method is not None and engine_cls == DEFAULT_ENGINE:

@@ -79,6 +79,7 @@ BAD_VALUES = [
     ({"replicaCount": 3}, "replicaCount"),
     ({"ray": {"serveEnv": {"SERVE_LOG_TO_STDERR": "0"}}}, "SERVE_LOG_TO_STDERR"),
     ({"ray": {"serveEnv": {"RAY_SERVE_LOG_TO_STDERR": 0}}}, "RAY_SERVE_LOG_TO_STDERR"),
+    ({"serve": {"kvTier": {"writePolicy": "always"}}}, "writePolicy"),
 ]
 
 

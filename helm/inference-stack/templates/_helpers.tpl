@@ -109,6 +109,7 @@ Integers go through `int64`: Helm parses YAML numbers as float64 and would print
   "grammar_warm_up" ($v.serve.grammar.warmUp | toString)
   "draft_replicas" ($v.serve.draft.replicas | int64 | toString)
   "redis_url" (include "inference-stack.redisUrl" .)
+  "kv_tier_write_policy" $v.serve.kvTier.writePolicy
   "api_keys_file" (ternary "" (printf "/etc/inference/api-keys/%s" $v.apiKeys.secretKey) $v.serve.authDisabled)
   "auth_disabled" ($v.serve.authDisabled | toString)
   "max_body_bytes" ($v.serve.maxBodyBytes | int64 | toString)
