@@ -261,7 +261,21 @@ def _hist(h) -> tuple[float, float]:
     return total, count
 
 
-def bench_masks(llm, info, batches: list[int], steps: int) -> dict:
+def profiled(fn, path: str | None):
+    """fn() under cProfile when `path` is set; the top functions by own time go to that file."""
+    if not path:
+        return fn()
+    import cProfile, io, pstats  # noqa: E401, PLC0415
+    prof = cProfile.Profile()
+    out = prof.runcall(fn)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(buf.getvalue())
+    return out
+
+
+def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | None = None) -> dict:
     from services.engine.sampling_params import SamplingParams  # noqa: PLC0415
     from services.grammar.matcher import GrammarHandle  # noqa: PLC0415
     from services.grammar.spec import GrammarSpec  # noqa: PLC0415
@@ -271,8 +285,9 @@ def bench_masks(llm, info, batches: list[int], steps: int) -> dict:
     for b in batches:
         free = steady_state(llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True),
                             steps, warmup=4)
-        cons = steady_state(llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, grammar=handle),
-                            steps, warmup=4)
+        cons = profiled(lambda: steady_state(
+            llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, grammar=handle), steps, warmup=4),
+            profile_dir and f"{profile_dir}/grammar_masks_b{b}.txt")
         out[f"batch_{b}"] = {"unconstrained": free, "json_schema": cons,
                              "throughput_loss_pct": 100.0 * (1 - cons["tokens_per_s"] / free["tokens_per_s"]),
                              "step_time_overhead_pct": 100.0 * (cons["step_ms_median"] / free["step_ms_median"] - 1),
@@ -324,6 +339,7 @@ def main() -> None:
     ap.add_argument("--compile-threads", type=int, default=1, help="xgrammar threads per compile")
     ap.add_argument("--parts", nargs="+", default=["compile", "masks"], choices=["compile", "masks"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="directory for cProfile tables of the constrained runs")
     a = ap.parse_args()
     global THREADS
     THREADS = a.compile_threads
@@ -352,7 +368,7 @@ def main() -> None:
               # Timings on a shared machine are only as good as its idle CPU: keep the load.
               "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
               "compile": bench_compile(compile_info, a.compile_specs, a.cold_specs) if "compile" in a.parts else None,
-              "masks": bench_masks(llm, info, a.batches, a.steps) if "masks" in a.parts else None,
+              "masks": bench_masks(llm, info, a.batches, a.steps, a.profile) if "masks" in a.parts else None,
               "load_avg_1m_end": os.getloadavg()[0]}
     text = json.dumps(result, indent=2)
     print(text)

@@ -49,8 +49,9 @@ class DecodeGraphs:
         # Device inputs the graphs read; the host fills the pinned mirrors then copies.
         self.i64 = torch.zeros(4 * t, dtype=torch.long, device=device)
         self.i32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32, device=device)
-        self.h64 = torch.zeros(4 * t, dtype=torch.long).pin_memory()
-        self.h32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32).pin_memory()
+        pin = device.type == "cuda"
+        self.h64 = torch.zeros(4 * t, dtype=torch.long, pin_memory=pin)
+        self.h32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32, pin_memory=pin)
         self.n64, self.n32 = self.h64.numpy(), self.h32.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}

@@ -1,0 +1,90 @@
+"""The host side of the CUDA-graph steps (services/engine/cuda_graphs.py), on the CPU.
+
+A graph replays its captured forward over static input buffers. Here a stand-in replays by running
+that forward again on the same buffers (the Triton kernels in Triton's interpreter), so what is
+checked is everything the host does: packing a step's tokens, positions, slots, query starts,
+context lengths and block tables into the buffers, padding partial buckets, and picking the rows
+that get logits. Greedy outputs must equal the eager engine's, token for token (float32).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from services.draft import build_proposer
+from services.engine.cuda_graphs import DecodeGraphs
+from services.engine.llm import LLM
+from services.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the GPU tests cover this with real graphs")
+
+COMMON = dict(device="cpu", dtype="float32", num_kv_blocks=256, max_num_seqs=4, seed=0)
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
+           "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,",
+           "import os\n"]
+
+
+class ReplayByRerun(DecodeGraphs):
+    """Graphs whose replay re-runs the forward on the static buffers (no CUDA here)."""
+
+    def capture(self) -> None:
+        self.graphs = dict.fromkeys(self.buckets)
+        self.replays = 0
+
+    def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.i64.copy_(self.h64)
+        self.i32.copy_(self.h32)
+        if input_ids is not None:
+            self.i64[:input_ids.shape[0]].copy_(input_ids)
+        self.replays += 1
+        ids, pos, _ = self._v64(self.i64, bs * self.q)
+        return self.model(ids, pos, self.kv_caches, self._meta(bs), self.backend)
+
+
+def with_graphs(llm: LLM, spec_query_len: int | None) -> LLM:
+    r = llm.engine.runner
+    args = (r.model, r.kv_caches, r.backend, r.block_size, 4, 256, r.device)
+    r.graphs = ReplayByRerun(*args)
+    r.graphs.capture()
+    if spec_query_len:
+        r.spec_graphs = ReplayByRerun(*args, tokens_per_seq=spec_query_len)
+        r.spec_graphs.capture()
+    return llm
+
+
+def outputs(llm: LLM) -> list[list[int]]:
+    params = [SamplingParams(temperature=0, max_tokens=24 - 5 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    return outputs(LLM(tiny_model_dir, **COMMON))
+
+
+def test_decode_steps_on_graph_buffers(tiny_model_dir, plain):
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
+    llm.engine._can_overlap = lambda *a: False      # the overlapped path samples on the GPU only
+    assert outputs(llm) == plain
+    assert llm.engine.runner.graphs.replays > 10
+
+
+def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", proposers={"ngram": build_proposer("ngram")},
+                          speculative_method="ngram", speculative_adaptive=False, **COMMON), 5)
+    runner = llm.engine.runner
+    eager, prepare = [], runner.prepare
+
+    def spy(scheduled):   # the eager path: which steps with guesses took it, and were they graph-shaped?
+        if any(s.request.spec_token_ids for s in scheduled):
+            eager.append(all(s.request.num_computed_tokens + 1 == s.request.num_tokens for s in scheduled))
+        return prepare(scheduled)
+    runner.prepare = spy
+    assert outputs(llm) == plain
+    assert llm.engine.speculator.stats.num_accepted_tokens > 0
+    # Steps with guesses replay (rows with fewer guesses than k included) unless a prefill rides along.
+    assert runner.spec_graphs.replays > 0 and not any(eager)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
