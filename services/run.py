@@ -45,6 +45,8 @@ SERVE_ENV = {
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",    # access logs written in batches (ERROR flushes)
     "RAY_SERVE_LOG_TO_STDERR": "0",                      # Serve logs to its files only (logs/serve/)
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",              # the gateway replicas serve HTTP and gRPC themselves
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",                    # behind HAProxy on the public ports (no Python proxy)
 }
 
 
@@ -109,10 +111,19 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Replica processes import `services` from the repo (also when it is not pip-installed).
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(SERVE_ENV if serve_env is None else serve_env)
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        # HAProxy's files default to one fixed /tmp folder: give each local Ray its own, so two
+        # stacks on one machine (make run beside the tests) do not share a config or socket.
+        ha = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        env |= {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(ha / "server-state")}
     for attempt in (1, 2):
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                     runtime_env={"env_vars": SERVE_ENV if serve_env is None else serve_env})
+                     runtime_env={"env_vars": env})
             return
         except Exception as e:
             # Ray waits a fixed 30 s for its raylet to register; an overloaded machine can miss
