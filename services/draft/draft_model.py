@@ -22,6 +22,7 @@ from services.engine.loader import load_config
 from services.engine.model_runner import ModelRunner
 from services.engine.outputs import RequestMetrics
 from services.engine.request import Request
+from services.engine.sampler import on_device
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledRequest
 
@@ -78,7 +79,10 @@ class DraftModel:
         probs: dict[int, list] = {i: [] for i, *_ in active}
         protected = {c.seq_id for _, c, _, _ in active}
         done: set[int] = set()     # out of KV memory: it answers with the guesses it has
-        for _ in range(max((k for *_, k in active), default=0)):
+        on_device_passes = self._can_draft_on_device(active)
+        if on_device_passes:
+            self._greedy_on_device(active, guesses, protected, done)
+        for _ in range(0 if on_device_passes else max((k for *_, k in active), default=0)):
             scheduled, kept = [], []
             for i, c, seq, k in active:
                 if i in done or len(guesses[i]) >= k:
@@ -116,6 +120,56 @@ class DraftModel:
         return len(self.seqs)
 
     # ---- internals -----------------------------------------------------------------------------
+    def _can_draft_on_device(self, active: list) -> bool:
+        """Greedy calls whose every pass after the first fits the CUDA graphs (batch, context)."""
+        graphs = self.runner.graphs
+        return (graphs is not None and 0 < len(active) <= graphs.max_batch
+                and all(c.temperature <= 0 and seq.req.num_tokens + k <= graphs.max_context
+                        for _, c, seq, k in active))
+
+    def _greedy_on_device(self, active: list, guesses: dict[int, list[int]], protected: set[str],
+                          done: set[int]) -> None:
+        """Each pass after the first takes the previous pass's argmax as its input ids straight from
+        the device (the engine's overlapped decoding, within one call): k passes, one wait at the end."""
+        passes: list[tuple[list[tuple[int, _Seq]], torch.Tensor]] = []   # (who, their tokens on the device)
+        prev: list[int] = []
+        for step in range(max(k for *_, k in active)):
+            scheduled, who = [], []
+            for i, _, seq, k in active:
+                if i in done or step >= k:
+                    continue
+                req = seq.req
+                num_new = 1 if step else req.num_tokens - req.num_computed_tokens
+                if not self._allocate(seq, num_new, protected):
+                    done.add(i)
+                    continue
+                scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+                who.append((i, seq))
+            if not scheduled:
+                break
+            if step == 0:
+                logits, rows = self.runner.execute(scheduled)
+                logits = logits[[r[0] for r in rows]]
+            else:
+                ids = passes[-1][1]
+                if len(who) != len(prev):   # some sequences have all their guesses (or no memory left)
+                    at = {i: j for j, i in enumerate(prev)}
+                    ids = ids[on_device([at[i] for i, _ in who], torch.long, ids.device)]
+                logits, _ = self.runner.execute(scheduled, input_ids=ids)
+            for s in scheduled:
+                s.request.num_computed_tokens += s.num_new_tokens
+            passes.append((who, logits.argmax(-1)))
+            prev = [i for i, _ in who]
+        if not passes:
+            return
+        tokens = torch.cat([t for _, t in passes]).tolist()
+        k = 0
+        for who, _ in passes:
+            for i, seq in who:
+                seq.req.append_token(tokens[k])
+                guesses[i].append(tokens[k])
+                k += 1
+
     def _sync(self, c: DraftCall) -> _Seq | None:
         """Roll the sequence back to the caller's committed prefix and append what is new."""
         seq = self.seqs.get(c.seq_id)

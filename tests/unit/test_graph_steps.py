@@ -88,3 +88,42 @@ def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
     # Steps with guesses replay (rows with fewer guesses than k included) unless a prefill rides along.
     assert runner.spec_graphs.replays > 0 and not any(eager)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_greedy_draft_passes_on_device_tokens(tiny_draft_dir):
+    """The draft model's greedy passes after the first take their input ids from the device (no
+    read between passes): its guesses equal the eager draft's, over calls that roll back, append
+    and ask for different k per sequence."""
+    from services.draft.draft_model import DraftModel
+    from services.draft.protocol import DraftCall
+    from services.engine.layers.gpu_attention import TritonAttention
+
+    eager = DraftModel(tiny_draft_dir, device="cpu", dtype="float32", num_kv_blocks=128)
+    fast = DraftModel(tiny_draft_dir, device="cpu", dtype="float32", num_kv_blocks=128)
+    r = fast.runner
+    r.backend = TritonAttention()
+    args = (r.model, r.kv_caches, r.backend, r.block_size, 4, 256, r.device)
+    r.graphs, r.spec_graphs = ReplayByRerun(*args), ReplayByRerun(*args, tokens_per_seq=5)
+    r.graphs.capture()
+    r.spec_graphs.capture()
+    on_device, greedy_on_device = [0], fast._greedy_on_device
+
+    def counted(*a):
+        on_device[0] += 1
+        return greedy_on_device(*a)
+    fast._greedy_on_device = counted
+    prompts = [list(range(10, 40)), list(range(50, 61)), [7, 8, 9] * 6]
+    sent = [0] * len(prompts)
+    calls = [DraftCall(f"s{j}", 0, p, 4, 0.0) for j, p in enumerate(prompts)]
+    for round_ in range(4):
+        want, got = eager.propose(calls), fast.propose(calls)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert all(len(w.token_ids) == c.num_speculative_tokens for w, c in zip(want, calls))
+        # The target accepted the first j guesses of sequence j and added a token of its own.
+        nxt = []
+        for j, (c, w) in enumerate(zip(calls, want)):
+            sent[j] = c.prefix_len + len(c.new_token_ids)
+            new = w.token_ids[:j % 3] + [100 + round_]
+            nxt.append(DraftCall(c.seq_id, sent[j], new, 2 + (j + round_) % 3, 0.0))
+        calls = nxt
+    assert on_device[0] == 4 and r.graphs.replays > 0 and r.spec_graphs.replays > 0
