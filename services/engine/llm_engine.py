@@ -192,12 +192,15 @@ class LLMEngine:
                 group = self.child_to_group[req]
                 self._append(req, group, out.token_ids[i], out.chosen_logprobs[i], out.logprobs[i], now)
                 touched[group.request_id] = group
+        verify, now = [], time.time()
         for s, r in zip(sched.scheduled, rows):   # [spec] verify scored guesses, append token by token
             if r and s.request.spec_token_ids:
-                req, group, now = s.request, self.child_to_group[s.request], time.time()
-                self.speculator.verify(req, logits[r[0]:r[-1] + 1], lambda t, lp, lps, req=req, group=group, now=now:
-                                       self._append(req, group, t, lp, lps, now))
+                req, group = s.request, self.child_to_group[s.request]
+                verify.append((req, logits[r[0]:r[-1] + 1], lambda t, lp, lps, req=req, group=group:
+                               self._append(req, group, t, lp, lps, now)))
                 touched[group.request_id] = group
+        if verify:
+            self.speculator.verify_all(verify)
         for s in sched.scheduled:   # children wait for the first one's prompt, then hit its blocks
             group = self.child_to_group.get(s.request)
             if group and group.pending and s.request.num_computed_tokens >= s.request.num_prompt_tokens:

@@ -187,50 +187,80 @@ class Speculator:
     # ---- verify ----------------------------------------------------------------------------------
     def verify(self, req: Request, logits: torch.Tensor, emit: Emit) -> None:
         """logits [m+1, V]: rows for the last committed token and the m scored guesses."""
-        proposal = self._proposals.pop(req.request_id)
-        m = logits.shape[0] - 1
-        guesses = req.spec_token_ids[:m]
+        self.verify_all([(req, logits, emit)])
+
+    def verify_all(self, batch: list[tuple[Request, torch.Tensor, Emit]]) -> None:
+        """verify() for a step's requests. Greedy requests whose processing is stateless are decided
+        together: one read from the device for all of them."""
+        greedy = [(req, logits) for req, logits, _ in batch if self._stateless(req) and req.sampling_params.is_greedy]
+        decided = self._greedy_decisions(greedy) if greedy else {}
+        for req, logits, emit in batch:
+            proposal = self._proposals.pop(req.request_id)
+            m = logits.shape[0] - 1
+            guesses = req.spec_token_ids[:m]
+            if req.request_id in decided:
+                accepted, checked = self._emit_greedy(req, guesses, *decided[req.request_id], emit)
+            elif self._stateless(req):
+                accepted, checked = self._verify_sampled(req, logits, proposal, guesses, emit)
+            else:
+                accepted, checked = self._verify_row_by_row(req, logits, proposal, guesses, emit)
+            self.stats.num_verify_steps += 1
+            self.stats.num_proposed_tokens += m
+            self.stats.num_accepted_tokens += accepted
+            st = self._seqs.get(req.request_id)
+            if st is not None:
+                st.accepted = self.DECAY * st.accepted + accepted
+                st.checked = self.DECAY * st.checked + checked
+            if not req.is_finished:
+                req.num_computed_tokens -= m - accepted
+            req.spec_token_ids = []
+
+    @staticmethod
+    def _stateless(req: Request) -> bool:
+        """Without penalties, grammar or a pending min_tokens ban, processing does not depend on the
+        tokens appended in between: all rows can be processed at once."""
         sp = req.sampling_params
-        # Without penalties, grammar or a pending min_tokens ban, processing does not depend on the
-        # tokens appended in between: all m+1 rows can be processed at once.
-        stateless = (req.matcher is None and req.num_output_tokens >= sp.min_tokens
-                     and sp.repetition_penalty == 1.0 and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0)
-        verify_rows = self._verify_stateless if stateless else self._verify_row_by_row
-        accepted, checked = verify_rows(req, logits, proposal, guesses, emit)
-        self.stats.num_verify_steps += 1
-        self.stats.num_proposed_tokens += m
-        self.stats.num_accepted_tokens += accepted
-        st = self._seqs.get(req.request_id)
-        if st is not None:
-            st.accepted = self.DECAY * st.accepted + accepted
-            st.checked = self.DECAY * st.checked + checked
-        if not req.is_finished:
-            req.num_computed_tokens -= m - accepted
-        req.spec_token_ids = []
+        return (req.matcher is None and req.num_output_tokens >= sp.min_tokens and sp.repetition_penalty == 1.0
+                and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0)
 
     def _emit(self, req: Request, emit: Emit, token: int, logprob: float, lsm_row: torch.Tensor) -> None:
         lps = Sampler._logprobs(lsm_row[None], [token], [req])[0] if req.sampling_params.logprobs is not None else None
         emit(token, logprob, lps)
         self.stats.num_emitted_tokens += 1
 
-    def _verify_stateless(self, req: Request, logits: torch.Tensor, proposal: Proposal, guesses: list[int],
-                          emit: Emit) -> tuple[int, int]:
-        """Every row processed at once, and one read from the device for the decisions (greedy), or
-        two plus one per sampled token (sampling)."""
+    def _greedy_decisions(self, items: list[tuple[Request, torch.Tensor]]) -> dict[str, tuple]:
+        """request id -> (argmax per row, its logprob per row, log-softmax rows), all rows at once."""
+        rows = self.sampler.process_logits(torch.cat([logits for _, logits in items]).float(),
+                                           [req for req, logits in items for _ in range(logits.shape[0])])
+        lsm = rows.log_softmax(-1)
+        best = rows.argmax(-1)
+        n = best.shape[0]
+        flat = torch.cat([best.double(), lsm.gather(1, best[:, None])[:, 0].double()]).tolist()
+        out, k = {}, 0
+        for req, logits in items:
+            r = logits.shape[0]
+            out[req.request_id] = ([int(t) for t in flat[k:k + r]], flat[n + k:n + k + r], lsm[k:k + r])
+            k += r
+        return out
+
+    def _emit_greedy(self, req: Request, guesses: list[int], tokens: list[int], chosen: list[float],
+                     lsm: torch.Tensor, emit: Emit) -> tuple[int, int]:
+        """The longest run of guesses equal to the argmax, then the argmax after it."""
+        m, j = len(guesses), 0
+        while True:   # the bonus row (j = m) always ends it
+            ok = j < m and tokens[j] == guesses[j]
+            self._emit(req, emit, tokens[j], chosen[j], lsm[j])
+            if not ok or req.is_finished:
+                return j + ok, min(j + 1, m)
+            j += 1
+
+    def _verify_sampled(self, req: Request, logits: torch.Tensor, proposal: Proposal, guesses: list[int],
+                        emit: Emit) -> tuple[int, int]:
+        """Rejection sampling with every row processed at once: two reads from the device, plus one
+        per token drawn (a rejected guess's replacement, or the bonus token)."""
         m = len(guesses)
         rows = self.sampler.process_logits(logits.float().clone(), [req] * (m + 1))
         lsm = rows.log_softmax(-1)
-        if req.sampling_params.is_greedy:
-            best = rows.argmax(-1)
-            flat = torch.cat([best.double(), lsm.gather(1, best[:, None])[:, 0].double()]).tolist()
-            tokens, chosen = [int(t) for t in flat[:m + 1]], flat[m + 1:]
-            j = 0
-            while True:   # the bonus row (j = m) always ends it
-                ok = j < m and tokens[j] == guesses[j]
-                self._emit(req, emit, tokens[j], chosen[j], lsm[j])
-                if not ok or req.is_finished:
-                    return j + ok, min(j + 1, m)
-                j += 1
         gen = req.generator or self.sampler.generator
         probs = self.sampler.warp(rows, [req] * (m + 1)).softmax(-1)
         if m:
