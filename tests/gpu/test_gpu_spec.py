@@ -12,6 +12,7 @@ import torch
 from services.draft import build_proposer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
+from tests.spec_steps import eager_spec_steps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -52,13 +53,7 @@ def test_speculative_steps_replay_graphs_with_plain_outputs(tiny_model_dir, tiny
     assert runner.spec_graphs is not None and runner.spec_graphs.q == 5
     verify_replays = counting(runner.spec_graphs)
     catch_up = counting(proposer.model.runner.spec_graphs) if method == "draft" else None
-    eager, prepare = [], runner.prepare
-
-    def spy(scheduled):   # the eager path: which steps with guesses took it, and were they graph-shaped?
-        if any(s.request.spec_token_ids for s in scheduled):
-            eager.append(all(s.request.num_computed_tokens + 1 == s.request.num_tokens for s in scheduled))
-        return prepare(scheduled)
-    runner.prepare = spy
+    eager = eager_spec_steps(runner)
     assert outputs(llm, 48) == plain
     assert llm.engine.speculator.stats.num_accepted_tokens > 0
     # Steps with guesses replay (rows with fewer guesses than k included) unless a prefill rides along.

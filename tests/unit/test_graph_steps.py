@@ -17,6 +17,7 @@ from services.draft import build_proposer
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
+from tests.spec_steps import eager_spec_steps
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the GPU tests cover this with real graphs")
@@ -76,13 +77,7 @@ def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", proposers={"ngram": build_proposer("ngram")},
                           speculative_method="ngram", speculative_adaptive=False, **COMMON), 5)
     runner = llm.engine.runner
-    eager, prepare = [], runner.prepare
-
-    def spy(scheduled):   # the eager path: which steps with guesses took it, and were they graph-shaped?
-        if any(s.request.spec_token_ids for s in scheduled):
-            eager.append(all(s.request.num_computed_tokens + 1 == s.request.num_tokens for s in scheduled))
-        return prepare(scheduled)
-    runner.prepare = spy
+    eager = eager_spec_steps(runner)
     assert outputs(llm) == plain
     assert llm.engine.speculator.stats.num_accepted_tokens > 0
     # Steps with guesses replay (rows with fewer guesses than k included) unless a prefill rides along.
