@@ -254,7 +254,8 @@ class LLMEngine:
     def _step_ahead(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
         self._inflight = self._launch_next(prev)   # may be None: the next step() is a synchronous one
-        prev.ready.synchronize()
+        if prev.ready is not None:
+            prev.ready.synchronize()
         values = prev.host.tolist()
         n, now = len(prev.scheduled), time.time()
         touched: dict[str, RequestGroup] = {}

@@ -234,12 +234,14 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, requests: list[Request]):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
-        receives tokens then logprobs, an event set once it has). For `plain_sampling` rows only."""
+        receives tokens then logprobs, an event set once it has, None on the CPU). For `plain_sampling` rows only."""
         tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests), requests)
-        host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=True)
-        host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
+        host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=cuda)
+        host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record()
         return tokens, host, ready
 
     def _noise(self, shape, requests: list[Request], device) -> torch.Tensor:

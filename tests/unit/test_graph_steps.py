@@ -68,9 +68,35 @@ def plain(tiny_model_dir):
 
 def test_decode_steps_on_graph_buffers(tiny_model_dir, plain):
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
-    llm.engine._can_overlap = lambda *a: False      # the overlapped path samples on the GPU only
+    llm.engine._can_overlap = lambda *a: False      # step by step here; overlapped below
     assert outputs(llm) == plain
     assert llm.engine.runner.graphs.replays > 10
+
+
+def test_overlapped_decoding_matches_step_by_step(tiny_model_dir, plain):
+    """Plain sampling decodes overlapped (step n+1 launched with step n's tokens as input ids before
+    they are read; the fused sampling kernel in Triton's interpreter); logprobs turn that off. Same
+    tokens either way, also for requests that stop early on a stop id, and every KV block comes back."""
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
+    engine = llm.engine
+    calls = []
+    ahead = engine._step_ahead
+    engine._step_ahead = lambda: calls.append(1) or ahead()
+
+    def run(logprobs, stop_ids=()):
+        params = [SamplingParams(temperature=0, max_tokens=24 - 5 * i, ignore_eos=True, logprobs=logprobs,
+                                 stop_token_ids=list(stop_ids)) for i in range(len(PROMPTS))]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+
+    assert run(logprobs=0) == plain and not calls     # logprobs: step by step
+    assert run(logprobs=None) == plain and calls      # overlapped, same tokens
+    stop = plain[0][10]                               # stop the longest one early
+    calls.clear()
+    want = run(logprobs=0, stop_ids=[stop])
+    assert len(want[0]) <= 11
+    assert run(logprobs=None, stop_ids=[stop]) == want and calls
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
