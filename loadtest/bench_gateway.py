@@ -8,10 +8,11 @@ Three measurements, side by side:
      per request over gRPC streaming and over REST SSE: client send → first token message.
      Each stack request also reports the engine's own arrival → first-token time (timing.queue_s +
      timing.prefill_s), so the overhead is paired per request: client TTFT − engine TTFT.
-     Two stacks run at once, each in a process (and a Ray) of its own: one with Ray Serve's defaults
-     ("ray_defaults"), one with the settings `make run` and the chart use (services/run.py SERVE_ENV;
-     the top-level figures). Requests alternate between them, so other load on the machine hits
-     both alike and their difference holds even when the absolute figures drift.
+     Three stacks run at once, each in a process (and a Ray) of its own: one with Ray Serve's
+     defaults ("ray_defaults"), one with the settings `make run` and the chart use (services/run.py
+     SERVE_ENV; the top-level figures), and one of those with INFER_GATEWAY_MODE=colocated (gateway
+     and engine in one replica, "colocated"). Requests alternate between them, so other load on
+     the machine hits all alike and their differences hold even when the absolute figures drift.
 Requests are sequential (one at a time) with the same short prompt, so queueing does not blur
 the overhead. Prints one JSON document (medians and p90 in milliseconds).
 
@@ -38,6 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog."
+MODES = ("ray_defaults", "stack", "colocated")
 
 
 def _q(xs: list[float]) -> dict[str, float]:
@@ -220,8 +222,11 @@ def serve_child(mode: str, config_args: str) -> int:
 
     ready = os.fdopen(os.dup(1), "w")   # the parent reads only this; everything else goes to stderr
     os.dup2(2, 1)
-    stack = LocalStack(StackConfig.from_args(json.loads(config_args)), num_cpus=max(2, os.cpu_count() or 2),
-                       log_to_driver=False, serve_env=SERVE_ENV if mode == "stack" else {}).start()
+    args = json.loads(config_args)
+    if mode == "colocated":
+        args["gateway_mode"] = "colocated"
+    stack = LocalStack(StackConfig.from_args(args), num_cpus=max(2, os.cpu_count() or 2),
+                       log_to_driver=False, serve_env={} if mode == "ray_defaults" else SERVE_ENV).start()
     try:
         print("ready", file=ready, flush=True)
         sys.stdin.read()
@@ -241,11 +246,11 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     keys = Path(tempfile.mkdtemp()) / "keys.json"
     key = "sk-bench"
     keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "bench"}]}))
-    # Both Serve modes at once, each stack in a process (and Ray) of its own, started one by one.
+    # Every mode at once, each stack in a process (and Ray) of its own, started one by one.
     children: dict[str, subprocess.Popen] = {}
     targets: dict[str, tuple[str, str]] = {}
     try:
-        for mode in ("ray_defaults", "stack"):
+        for mode in MODES:
             http_port, grpc_port = _port(), _port()
             args = {"model": model, "http_port": http_port, "grpc_port": grpc_port, "host": "127.0.0.1",
                     "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}}
@@ -295,10 +300,11 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
         return out
 
     result.update(stack_figures(via_by_env["stack"]))
-    result["ray_defaults"] = stack_figures(via_by_env["ray_defaults"])
-    result["stack_minus_ray_defaults_added_ttft_median_ms"] = {
-        name: round(result[name]["added_ttft_paired"]["median_ms"]
-                    - result["ray_defaults"][name]["added_ttft_paired"]["median_ms"], 3) for name in ("grpc", "rest")}
+    for mode in ("ray_defaults", "colocated"):
+        result[mode] = stack_figures(via_by_env[mode])
+        result[f"stack_minus_{mode}_added_ttft_median_ms"] = {
+            name: round(result[name]["added_ttft_paired"]["median_ms"]
+                        - result[mode][name]["added_ttft_paired"]["median_ms"], 3) for name in ("grpc", "rest")}
     return result
 
 
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--serve-child", choices=["ray_defaults", "stack"], help=argparse.SUPPRESS)
+    ap.add_argument("--serve-child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--child-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

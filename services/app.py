@@ -1,4 +1,5 @@
-"""Builds the Ray Serve application from one StackConfig: Gateway (ingress: REST + gRPC) → LLMServer.
+"""Builds the Ray Serve application from one StackConfig: Gateway (ingress: REST + gRPC) → LLMServer,
+or with INFER_GATEWAY_MODE=colocated one deployment whose replicas are both (`ColocatedGateway`).
 
 Ray Serve import path: `services.app:build_app` (an application builder; `args` holds the INFER_*
 names lowercase without the prefix). gRPC is configured on Serve's proxy, not per application:
@@ -14,6 +15,7 @@ from ray.serve import Application
 
 from services.config import StackConfig
 from services.gateway.gateway import Gateway, app as rest_app
+from services.gateway.service import LocalLLMClient
 from services.serving.llm_server import DEFAULT_ENGINE, LLMServer
 
 APP_NAME = "inference"
@@ -23,6 +25,24 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 # Seconds a replica being stopped waits for in-flight requests before the engine is shut down.
 DRAIN_TIMEOUT_S = 30.0
+
+
+class ColocatedGateway(Gateway):
+    """A replica that is the gateway and an LLMServer at once: requests reach the engine in-process,
+    with no Serve handle hop (the TTFT that hop costs: README, Benchmarks). Serve's health check,
+    autoscaling on ongoing requests and draining act on this one deployment."""
+
+    def __init__(self, config: StackConfig, engine_cls: Any = DEFAULT_ENGINE, grammar_handle: Any = None,
+                 draft_handle: Any = None) -> None:
+        self.llm_server = LLMServer(config, engine_cls, grammar_handle=grammar_handle, draft_handle=draft_handle)
+        super().__init__(config, LocalLLMClient(self.llm_server))
+
+    def check_health(self) -> None:
+        self.llm_server.check_health()
+
+    def __del__(self) -> None:
+        if hasattr(self, "llm_server"):
+            self.llm_server.__del__()
 
 
 def llm_deployment_options(cfg: StackConfig) -> dict[str, Any]:
@@ -65,6 +85,12 @@ def build_app_from_config(cfg: StackConfig, engine_cls: Any = DEFAULT_ENGINE) ->
             raise ValueError("INFER_DRAFT_REPLICAS >= 1 needs INFER_DRAFT_MODEL (the draft model directory)")
         from services.draft.server import build_draft_app
         draft = build_draft_app(cfg.draft_model, num_replicas=cfg.draft_replicas, device=cfg.engine.device)
+    if cfg.gateway_mode == "colocated":
+        opts = llm_deployment_options(cfg)
+        opts.pop("request_router_config", None)   # the ingress is reached through HAProxy, not a handle
+        opts["name"] = "Gateway"
+        return serve.deployment(serve.ingress(rest_app)(ColocatedGateway)).options(**opts).bind(
+            cfg, engine_cls, grammar_handle=grammar, draft_handle=draft)
     llm = serve.deployment(LLMServer).options(**llm_deployment_options(cfg)).bind(
         cfg, engine_cls, grammar_handle=grammar, draft_handle=draft)
     gateway = serve.deployment(serve.ingress(rest_app)(Gateway)).options(

@@ -24,6 +24,7 @@ OTEL_EXPORTERS = ("none", "console", "otlp")
 # KVTierConfig.write_policy's values, spelled here too: services/prefix_cache/tier_config.py imports
 # torch, which the gateway never loads (tests/unit/test_stack_config.py checks the two agree).
 KV_TIER_WRITE_POLICIES = ("computed", "reused")
+GATEWAY_MODES = ("separate", "colocated")
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +41,10 @@ class StackConfig:
     llm_target_ongoing_requests: int = 16
     llm_max_queued_requests: int = 128
     gateway_replicas: int = 1
+    # "separate": Gateway replicas call LLMServer replicas through a Serve handle (prefix-aware
+    # routing). "colocated": each LLM replica is also the gateway (one deployment, no handle hop;
+    # HAProxy balances over the replicas; a replica's missing prefix comes from the Redis KV tier).
+    gateway_mode: str = "separate"
     grammar_replicas: int = 1
     grammar_workers: int = 1            # compile worker processes per GrammarService (or LLM) replica
     grammar_compile_threads: int = 1    # xgrammar threads per compile
@@ -76,6 +81,7 @@ class StackConfig:
         need(self.llm_target_ongoing_requests >= 1, "llm_target_ongoing_requests", ">= 1")
         need(self.llm_max_queued_requests >= 0, "llm_max_queued_requests", ">= 0")
         need(self.gateway_replicas >= 1, "gateway_replicas", ">= 1")
+        need(self.gateway_mode in GATEWAY_MODES, "gateway_mode", " or ".join(map(repr, GATEWAY_MODES)))
         need(self.grammar_replicas >= 0, "grammar_replicas", ">= 0")
         need(self.grammar_workers >= 1, "grammar_workers", ">= 1")
         need(self.grammar_compile_threads >= 1, "grammar_compile_threads", ">= 1")

@@ -113,12 +113,15 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(SERVE_ENV if serve_env is None else serve_env)
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # HAProxy's files default to one fixed /tmp folder: give each local Ray its own, so two
-        # stacks on one machine (make run beside the tests) do not share a config or socket. A
+        # HAProxy's files default to one fixed /tmp folder and its stats and metrics to fixed ports:
+        # give each local Ray its own, so two stacks on one machine (make run beside the tests) do
+        # not share a config, a socket or a port. A
         # stopping gateway replica waits for load balancers to forget it (30 s by default); the
         # local HAProxy is reconfigured by Serve itself at once, so Ctrl-C need not wait that long.
         ha = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
         env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha),

@@ -2,7 +2,8 @@
 tokenization, context-length checks, the tenant's quota, then a streaming call to an LLM replica.
 
 `LLMClient` is the seam to the replicas: `RayLLMClient` wraps a Serve DeploymentHandle (streaming),
-`LocalLLMClient` calls an in-process LLMServer (unit tests, benchmarks). Both carry the same
+`LocalLLMClient` calls an in-process LLMServer (INFER_GATEWAY_MODE=colocated, unit tests,
+benchmarks). Both carry the same
 `ReplicaRequest`, so the trace context and deadline travel the same way.
 """
 from __future__ import annotations

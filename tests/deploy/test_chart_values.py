@@ -80,6 +80,7 @@ BAD_VALUES = [
     ({"ray": {"serveEnv": {"SERVE_LOG_TO_STDERR": "0"}}}, "SERVE_LOG_TO_STDERR"),
     ({"ray": {"serveEnv": {"RAY_SERVE_LOG_TO_STDERR": 0}}}, "RAY_SERVE_LOG_TO_STDERR"),
     ({"serve": {"kvTier": {"writePolicy": "always"}}}, "writePolicy"),
+    ({"serve": {"gateway": {"mode": "together"}}}, "mode"),
 ]
 
 

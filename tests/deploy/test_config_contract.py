@@ -84,9 +84,10 @@ def test_serve_args_equal_the_env(scenario):
 def test_values_map_onto_the_config():
     v = deep_merge(load_values(CHART / "values.yaml"), {"serve": {"maxBodyBytes": 2097152,
                    "engine": {"max_num_seqs": 7, "gpu_memory_utilization": 0.85},
-                   "kvTier": {"writePolicy": "computed"}}})
+                   "kvTier": {"writePolicy": "computed"}, "gateway": {"mode": "colocated"}}})
     [(_, env)] = container_envs(rayservice(v))[:1]
     assert env["INFER_KV_TIER_WRITE_POLICY"] == "computed"
+    assert env["INFER_GATEWAY_MODE"] == "colocated"
     assert env["INFER_MAX_BODY_BYTES"] == "2097152"          # no float64 "2.097152e+06"
     assert env["INFER_ENGINE_MAX_NUM_SEQS"] == "7"
     assert env["INFER_ENGINE_GPU_MEMORY_UTILIZATION"] == "0.85"

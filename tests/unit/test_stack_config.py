@@ -24,6 +24,14 @@ def test_bad_kv_tier_write_policy_names_the_variable_and_the_choices():
     assert "INFER_KV_TIER_WRITE_POLICY" in msg and "'computed' or 'reused'" in msg and "'always'" in msg
 
 
+def test_gateway_mode():
+    assert StackConfig.from_env({}).gateway_mode == "separate"
+    assert StackConfig.from_env({"INFER_GATEWAY_MODE": "colocated"}).gateway_mode == "colocated"
+    with pytest.raises(ValueError) as ei:
+        StackConfig.from_env({"INFER_GATEWAY_MODE": "together"})
+    assert "INFER_GATEWAY_MODE" in str(ei.value) and "'separate' or 'colocated'" in str(ei.value)
+
+
 def test_stack_and_tier_agree_on_the_write_policies():
     """services/config.py spells them itself (tier_config imports torch; the gateway must not)."""
     assert KV_TIER_WRITE_POLICIES == WRITE_POLICIES

@@ -102,6 +102,7 @@ Integers go through `int64`: Helm parses YAML numbers as float64 and would print
   "llm_target_ongoing_requests" ($v.serve.llm.targetOngoingRequests | int64 | toString)
   "llm_max_queued_requests" ($v.serve.llm.maxQueuedRequests | int64 | toString)
   "gateway_replicas" ($v.serve.gateway.replicas | int64 | toString)
+  "gateway_mode" $v.serve.gateway.mode
   "gateway_num_cpus" ($v.serve.gateway.numCpus | toString)
   "grammar_replicas" ($v.serve.grammar.replicas | int64 | toString)
   "grammar_workers" ($v.serve.grammar.workers | int64 | toString)
