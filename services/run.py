@@ -102,6 +102,9 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+_LOCAL_DIRS: list[Path] = []   # made by init_ray, removed by LocalStack.stop
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env: dict[str, str] | None = None) -> None:
     """A local Ray whose processes get `serve_env` (default SERVE_ENV; {} = Ray's defaults); a no-op
     when Ray is already up in this process."""
@@ -115,10 +118,11 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's files default to one fixed /tmp folder and its stats and metrics to fixed ports:
         # give each local Ray its own, so two stacks on one machine (make run beside the tests) do
-        # not share a config, a socket or a port. A
-        # stopping gateway replica waits for load balancers to forget it (30 s by default); the
-        # local HAProxy is reconfigured by Serve itself at once, so Ctrl-C need not wait that long.
+        # not share a config, a socket or a port. A stopping gateway replica waits for load
+        # balancers to forget it (30 s by default); the local HAProxy is reconfigured by Serve
+        # itself at once, so Ctrl-C need not wait that long.
         ha = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        _LOCAL_DIRS.append(ha)
         env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
@@ -194,6 +198,9 @@ class LocalStack:
             serve.shutdown()
         finally:
             ray.shutdown()
+            for d in _LOCAL_DIRS:
+                shutil.rmtree(d, ignore_errors=True)
+            _LOCAL_DIRS.clear()
 
 
 def dev_keys_file() -> tuple[str, str]:
