@@ -16,6 +16,7 @@ import torch
 from loadtest.bench_engine import ensure_tokenizer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
+from tests.engine_checks import check_overlapped_decoding
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -89,30 +90,6 @@ def test_tiny_model_bf16_tokens_identical(tiny_model_dir):
 
 
 def test_overlapped_decoding_matches_step_by_step():
-    """Plain sampling decodes overlapped (the next step launched before this one's tokens are read);
-    logprobs turn that off. Same tokens either way, including requests that stop early on a stop id
-    (their extra launched row is dropped), and every KV block comes back."""
     llm = LLM(str(DUMMY), tokenizer=ensure_tokenizer(None), load_format="dummy", device="cuda", dtype="float32",
               max_num_seqs=8, max_model_len=512, num_kv_blocks=256, seed=0)
-    engine = llm.engine
-    lengths = [1, 5, 17, 40]
-
-    def run(logprobs, stop_ids=()):
-        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=logprobs,
-                                 stop_token_ids=list(stop_ids)) for m in lengths]
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
-
-    calls = []
-    ahead = engine._step_ahead
-    engine._step_ahead = lambda: calls.append(1) or ahead()
-    reference = run(logprobs=0)
-    assert not calls                                       # logprobs: step by step
-    assert run(logprobs=None) == reference and calls       # overlapped, same tokens
-    stop = reference[3][20]                                # stop the longest one early
-    calls.clear()
-    want = run(logprobs=0, stop_ids=[stop])
-    assert len(want[3]) <= 21
-    assert run(logprobs=None, stop_ids=[stop]) == want and calls
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks and engine._inflight is None or \
-        all(s.request.is_finished for s in engine._inflight.scheduled)
+    check_overlapped_decoding(llm, PROMPTS, [1, 5, 17, 40], longest=3)

@@ -12,7 +12,7 @@ import torch
 from services.draft import build_proposer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.spec_steps import eager_spec_steps
+from tests.engine_checks import eager_spec_steps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -9,7 +9,6 @@ a stream cut off by the client aborts in the engine (running requests back to 0)
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,21 +21,16 @@ from openai import OpenAI
 from services.engine.sampling_params import SamplingParams
 from services.gen.inference.v1 import inference_pb2 as pb
 from services.gen.inference.v1 import inference_pb2_grpc as pbg
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "def add(a, b):\n"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def colocated(tiny_model_dir, redis_url):
-    http, grpc_port = _port(), _port()
+    http, grpc_port = free_port(), free_port()
     env = {**os.environ, "INFER_MODEL": tiny_model_dir, "INFER_HOST": "127.0.0.1", "INFER_HTTP_PORT": str(http),
            "INFER_GRPC_PORT": str(grpc_port), "INFER_REDIS_URL": redis_url, "INFER_AUTH_DISABLED": "true",
            "INFER_GATEWAY_MODE": "colocated", "INFER_GRAMMAR_REPLICAS": "0", "INFER_ENGINE_MAX_MODEL_LEN": "512",

@@ -17,7 +17,7 @@ from services.draft import build_proposer
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.spec_steps import eager_spec_steps
+from tests.engine_checks import check_overlapped_decoding, eager_spec_steps
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the GPU tests cover this with real graphs")
@@ -73,30 +73,10 @@ def test_decode_steps_on_graph_buffers(tiny_model_dir, plain):
     assert llm.engine.runner.graphs.replays > 10
 
 
-def test_overlapped_decoding_matches_step_by_step(tiny_model_dir, plain):
-    """Plain sampling decodes overlapped (step n+1 launched with step n's tokens as input ids before
-    they are read; the fused sampling kernel in Triton's interpreter); logprobs turn that off. Same
-    tokens either way, also for requests that stop early on a stop id, and every KV block comes back."""
+def test_overlapped_decoding_matches_step_by_step(tiny_model_dir):
+    """Overlapped decoding on graph buffers, with the fused sampling kernel in Triton's interpreter."""
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
-    engine = llm.engine
-    calls = []
-    ahead = engine._step_ahead
-    engine._step_ahead = lambda: calls.append(1) or ahead()
-
-    def run(logprobs, stop_ids=()):
-        params = [SamplingParams(temperature=0, max_tokens=24 - 5 * i, ignore_eos=True, logprobs=logprobs,
-                                 stop_token_ids=list(stop_ids)) for i in range(len(PROMPTS))]
-        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
-
-    assert run(logprobs=0) == plain and not calls     # logprobs: step by step
-    assert run(logprobs=None) == plain and calls      # overlapped, same tokens
-    stop = plain[0][10]                               # stop the longest one early
-    calls.clear()
-    want = run(logprobs=0, stop_ids=[stop])
-    assert len(want[0]) <= 11
-    assert run(logprobs=None, stop_ids=[stop]) == want and calls
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    check_overlapped_decoding(llm, PROMPTS, [24, 19, 14], longest=0)
 
 
 def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):

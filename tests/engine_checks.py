@@ -1,0 +1,46 @@
+"""Checks shared by the CPU tests of the graph steps (tests/unit/test_graph_steps.py) and the GPU tests."""
+from __future__ import annotations
+
+from services.engine.sampling_params import SamplingParams
+
+
+def eager_spec_steps(runner) -> list[bool]:
+    """Watches `runner`'s eager path: one entry per step with guesses that took it, True when the
+    step had the shape the speculative graphs serve (every row at its newest token), i.e. missed them."""
+    seen: list[bool] = []
+    prepare = runner.prepare
+
+    def spy(scheduled):
+        if any(s.request.spec_token_ids for s in scheduled):
+            seen.append(all(s.request.num_computed_tokens + 1 == s.request.num_tokens for s in scheduled))
+        return prepare(scheduled)
+    runner.prepare = spy
+    return seen
+
+
+def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: int) -> None:
+    """Plain sampling decodes overlapped (the next step launched before this one's tokens are read);
+    logprobs turn that off. Same tokens either way, also when request `longest` stops early on a
+    stop id (its extra launched row is dropped), and every KV block comes back."""
+    engine = llm.engine
+    calls = []
+    ahead = engine._step_ahead
+    engine._step_ahead = lambda: calls.append(1) or ahead()
+
+    def run(logprobs, stop_ids=()):
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=logprobs,
+                                 stop_token_ids=list(stop_ids)) for m in lengths]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+
+    reference = run(logprobs=0)
+    assert not calls                                       # logprobs: step by step
+    assert run(logprobs=None) == reference and calls       # overlapped, same tokens
+    cut = lengths[longest] // 2
+    stop = reference[longest][cut]
+    calls.clear()
+    want = run(logprobs=0, stop_ids=[stop])
+    assert len(want[longest]) <= cut + 1
+    assert run(logprobs=None, stop_ids=[stop]) == want and calls
+    engine.kv.check_invariants()
+    assert engine._inflight is None or all(s.request.is_finished for s in engine._inflight.scheduled)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
