@@ -15,6 +15,7 @@ throughput-optimized; a handle made in the driver keeps Serve's defaults (`.resu
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -105,6 +106,21 @@ class LocalRedis:
 _LOCAL_DIRS: list[Path] = []   # made by init_ray, removed by LocalStack.stop
 
 
+def _free_port_block(size: int) -> int:
+    """The first of `size` consecutive loopback ports that are free now, below Linux's ephemeral range."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(20000, 32768 - size, size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports in [20000, 32768)")
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env: dict[str, str] | None = None) -> None:
     """A local Ray whose processes get `serve_env` (default SERVE_ENV; {} = Ray's defaults); a no-op
     when Ray is already up in this process."""
@@ -116,14 +132,22 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(SERVE_ENV if serve_env is None else serve_env)
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # HAProxy's files default to one fixed /tmp folder and its stats and metrics to fixed ports:
-        # give each local Ray its own, so two stacks on one machine (make run beside the tests) do
-        # not share a config, a socket or a port. A stopping gateway replica waits for load
-        # balancers to forget it (30 s by default); the local HAProxy is reconfigured by Serve
+        # HAProxy's files default to one fixed /tmp folder, its stats and metrics to fixed ports,
+        # and the gateway replicas' own ports to one fixed range: give each local Ray its own, so
+        # two stacks on one machine (make run beside the tests) share no config, socket or port.
+        # (Ray 2.60 passes grpc.so_reuseport as the string "0", which gRPC ignores: a replica's gRPC
+        # server binds a port another stack's replica holds, and the kernel splits that port's
+        # calls between the two stacks.) A stopping gateway replica waits for
+        # load balancers to forget it (30 s by default); the local HAProxy is reconfigured by Serve
         # itself at once, so Ctrl-C need not wait that long.
         ha = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
         _LOCAL_DIRS.append(ha)
-        env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        ports = _free_port_block(64)
+        env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports + 31),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ports + 32),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ports + 63),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha / "haproxy.cfg"),
