@@ -79,32 +79,10 @@ class DraftModel:
         probs: dict[int, list] = {i: [] for i, *_ in active}
         protected = {c.seq_id for _, c, _, _ in active}
         done: set[int] = set()     # out of KV memory: it answers with the guesses it has
-        on_device_passes = self._can_draft_on_device(active)
-        if on_device_passes:
+        if self._can_draft_on_device(active):
             self._greedy_on_device(active, guesses, protected, done)
-        for _ in range(0 if on_device_passes else max((k for *_, k in active), default=0)):
-            scheduled, kept = [], []
-            for i, c, seq, k in active:
-                if i in done or len(guesses[i]) >= k:
-                    continue
-                num_new = seq.req.num_tokens - seq.req.num_computed_tokens
-                if self._allocate(seq, num_new, protected):
-                    scheduled.append(ScheduledRequest(seq.req, num_new, self.kv.block_ids(seq.req.request_id)))
-                    kept.append((i, c, seq))
-                else:
-                    done.add(i)
-            if not scheduled:
-                break
-            logits, rows = self.runner.execute(scheduled)     # one row per sequence: its last position
-            logits = logits[[r[0] for r in rows]]
-            for s in scheduled:
-                s.request.num_computed_tokens += s.num_new_tokens
-            tokens, dists = self._sample(logits, [c.temperature for _, c, _ in kept])
-            for (i, _, seq), t, d in zip(kept, tokens, dists):
-                seq.req.append_token(t)
-                guesses[i].append(t)
-                if d is not None:
-                    probs[i].append(d)
+        else:
+            self._passes_on_host(active, guesses, probs, protected, done)
         for i, c, _, _ in active:
             replies[i] = DraftReply(c.seq_id, token_ids=guesses[i], probs=probs[i] if c.temperature > 0 else None)
         return [replies[i] for i in range(len(calls))]
@@ -120,6 +98,42 @@ class DraftModel:
         return len(self.seqs)
 
     # ---- internals -----------------------------------------------------------------------------
+    def _schedule_pass(self, active: list, step: int, protected: set[str], done: set[int]) -> tuple[list, list]:
+        """The sequences that still want a guess at pass `step` and have KV room for it (the others
+        are `done`: they answer with what they have). Each feeds what it has not computed: its new
+        tokens at the first pass, then its last guess (on the device path, not appended yet)."""
+        scheduled, kept = [], []
+        for entry in active:
+            i, _, seq, k = entry
+            if i in done or step >= k:
+                continue
+            req = seq.req
+            num_new = max(req.num_tokens - req.num_computed_tokens, 1)
+            if not self._allocate(seq, num_new, protected):
+                done.add(i)
+                continue
+            scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+            kept.append(entry)
+        return scheduled, kept
+
+    def _passes_on_host(self, active: list, guesses: dict[int, list[int]], probs: dict[int, list],
+                        protected: set[str], done: set[int]) -> None:
+        """One pass per guess position, each guess read from the device and appended before the next."""
+        for step in range(max((k for *_, k in active), default=0)):
+            scheduled, kept = self._schedule_pass(active, step, protected, done)
+            if not scheduled:
+                break
+            logits, rows = self.runner.execute(scheduled)     # one row per sequence: its last position
+            logits = logits[[r[0] for r in rows]]
+            for s in scheduled:
+                s.request.num_computed_tokens += s.num_new_tokens
+            tokens, dists = self._sample(logits, [c.temperature for _, c, _, _ in kept])
+            for (i, _, seq, _), t, d in zip(kept, tokens, dists):
+                seq.req.append_token(t)
+                guesses[i].append(t)
+                if d is not None:
+                    probs[i].append(d)
+
     def _can_draft_on_device(self, active: list) -> bool:
         """Greedy calls whose every pass after the first fits the CUDA graphs (batch, context)."""
         graphs = self.runner.graphs
@@ -134,19 +148,10 @@ class DraftModel:
         passes: list[tuple[list[tuple[int, _Seq]], torch.Tensor]] = []   # (who, their tokens on the device)
         prev: list[int] = []
         for step in range(max(k for *_, k in active)):
-            scheduled, who = [], []
-            for i, _, seq, k in active:
-                if i in done or step >= k:
-                    continue
-                req = seq.req
-                num_new = 1 if step else req.num_tokens - req.num_computed_tokens
-                if not self._allocate(seq, num_new, protected):
-                    done.add(i)
-                    continue
-                scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
-                who.append((i, seq))
+            scheduled, kept = self._schedule_pass(active, step, protected, done)
             if not scheduled:
                 break
+            who = [(i, seq) for i, _, seq, _ in kept]
             if step == 0:
                 logits, rows = self.runner.execute(scheduled)
                 logits = logits[[r[0] for r in rows]]

@@ -234,7 +234,8 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, requests: list[Request]):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
-        receives tokens then logprobs, an event set once it has, None on the CPU). For `plain_sampling` rows only."""
+        receives tokens then logprobs, an event set once it has, or None on the CPU). For
+        `plain_sampling` rows only."""
         tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests), requests)
         cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
         host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=cuda)

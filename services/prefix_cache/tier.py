@@ -132,12 +132,14 @@ class KVTier:
                      if b in computed and self.kv.blocks[b].block_hash == h]
             if self.index is not None:
                 self.writer.submit(("index", [h for _, h in valid], None))
-        if self.config.write_policy == "reused":
-            # Hit blocks are never written again while cached: a block still under its hash holds
-            # the KV it held when it was hit (one evicted meanwhile has lost or changed its hash).
-            valid = [(b, h) for b, h in reused if self.kv.blocks[b].block_hash == h]
-        if valid:
-            self._export([(b, h) for b, h in dict(valid).items() if h not in self._known])
+        if self.config.write_policy == "computed":
+            write = valid
+        else:
+            # "reused": hit blocks are never written again while cached, so a block still under its
+            # hash holds the KV it held when it was hit (one evicted meanwhile has lost or changed it).
+            write = [(b, h) for b, h in reused if self.kv.blocks[b].block_hash == h]
+        if write:
+            self._export([(b, h) for b, h in dict(write).items() if h not in self._known])
         if self.index is not None and time.monotonic() - self._last_sync > self.config.index_sync_interval_s:
             self._last_sync = time.monotonic()
             self.writer.submit(("sync", list(self.kv.cached), None))
