@@ -44,3 +44,40 @@ def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: i
     engine.kv.check_invariants()
     assert engine._inflight is None or all(s.request.is_finished for s in engine._inflight.scheduled)
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def check_overlapped_grammar(llm, prompts: list) -> None:
+    """Constrained rows decode overlapped too (each step's masks filled while its forward pass runs),
+    beside an unconstrained row: the same text as step by step, every finished output valid, the
+    choice row that completes its grammar early stops (its launched row dropped), blocks come back."""
+    import json  # noqa: PLC0415
+
+    from services.grammar.matcher import GrammarHandle  # noqa: PLC0415
+    from services.grammar.spec import GrammarSpec  # noqa: PLC0415
+    from services.grammar.tokenizer import tokenizer_info_from_hf  # noqa: PLC0415
+    engine = llm.engine
+    info = tokenizer_info_from_hf(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    js = GrammarHandle.compile(GrammarSpec.json_schema(schema), info)
+    choice = GrammarHandle.compile(GrammarSpec.choice(["yes", "no", "maybe not"]), info)
+    calls = []
+    ahead = engine._step_ahead
+    engine._step_ahead = lambda: calls.append(1) or ahead()
+
+    def run(logprobs):
+        params = [SamplingParams(temperature=0.0, max_tokens=40, grammar=js, logprobs=logprobs),
+                  SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=logprobs),
+                  SamplingParams(temperature=0.0, max_tokens=30, grammar=choice, logprobs=logprobs)]
+        return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in llm.generate(prompts[:3], params)]
+
+    reference = run(logprobs=0)
+    assert not calls                                       # logprobs: step by step
+    got = run(logprobs=None)
+    engine._step_ahead = ahead
+    assert got == reference and calls                      # overlapped, same text
+    if got[0][1] == "stop":
+        assert set(json.loads(got[0][0])) == {"name", "age"}
+    assert got[2] in (("yes", "stop"), ("no", "stop"), ("maybe not", "stop"))
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

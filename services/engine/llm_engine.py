@@ -181,7 +181,7 @@ class LLMEngine:
             self.kv_tier.after_step(sched.scheduled, time.perf_counter() - t_exec)
         self.scheduler.update(sched.scheduled)
         if self._can_overlap(sched.scheduled, rows):   # tokens are read next step, after launching it
-            self._inflight = self._launch_sampling(logits, sched.scheduled)
+            self._inflight = self._launch_sampling(logits, sched.scheduled, masks)
             return []
         touched: dict[str, RequestGroup] = {}
         if sampling:
@@ -224,18 +224,20 @@ class LLMEngine:
     # ids straight from the device, and only then are step n's tokens read and processed (stop checks,
     # detokenisation, outputs): the host's work hides behind the GPU's. A row launched for a request that
     # step n then finishes (EOS, a stop string, an abort) is dropped. Only plain decoding overlaps (graph
-    # decode steps, temperature/greedy sampling with nothing that reads the newest token: no grammar,
-    # penalties, pending min_tokens, logprobs, KV tier; speculation only while the batch is too large
-    # for it to propose), and only while no request waits.
+    # decode steps, temperature/greedy sampling with nothing that reads the newest token: no penalties,
+    # pending min_tokens or logprobs; speculation only while the batch is too large for it to propose),
+    # and only while no request waits. [grammar] A step with constrained rows launches its forward pass
+    # first and its sampling only after step n's tokens were accepted by the matchers: the masks are
+    # filled on the CPU while the forward pass runs. [kv-tier] Blocks are exported as they fill, copied
+    # to the host behind the forward pass (the writer thread waits for the copy).
 
     def _can_overlap(self, scheduled: list, rows: list) -> bool:
-        if self.runner.graphs is None or not self._speculation_off() or self.kv_tier is not None \
-                or self.scheduler.waiting or not scheduled:
+        if self.runner.graphs is None or not self._speculation_off() or self.scheduler.waiting or not scheduled:
             return False
         for s, r in zip(scheduled, rows):
             req = s.request
             sp = req.sampling_params
-            if not r or req.spec_token_ids or req.matcher is not None or not plain_sampling(req) \
+            if not r or req.spec_token_ids or not plain_sampling(req) \
                     or sp.logprobs is not None or sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 \
                     or sp.presence_penalty != 0.0 or req.num_output_tokens < sp.min_tokens \
                     or self.child_to_group[req].pending:
@@ -247,13 +249,19 @@ class LLMEngine:
         cap = self.config.speculative_disable_batch_size
         return self.speculator is None or (cap is not None and len(self.scheduler.running) > cap)
 
-    def _launch_sampling(self, logits, scheduled: list) -> InFlight:
-        tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled])
+    def _launch_sampling(self, logits, scheduled: list, masks=None) -> InFlight:
+        tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled], masks)
         return InFlight(scheduled, tokens, host, ready)
 
     def _step_ahead(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
-        self._inflight = self._launch_next(prev)   # may be None: the next step() is a synchronous one
+        if self.kv_tier is not None:   # fetched requests wait in the queue: the next step is a synchronous one
+            for r in self.kv_tier.ready():
+                self.scheduler.add(r)
+        nxt = self._launch_next(prev)   # None: the next step() is a synchronous one
+        late = nxt is not None and any(s.request.matcher is not None for s in nxt[1])
+        if nxt is not None and not late:
+            self._inflight = self._launch_sampling(*nxt)
         if prev.ready is not None:
             prev.ready.synchronize()
         values = prev.host.tolist()
@@ -266,10 +274,13 @@ class LLMEngine:
                 continue
             self._append(req, group, int(values[i]), values[n + i], None, now)
             touched[group.request_id] = group
+        if late:   # [grammar] the matchers have taken step n's tokens: masks for n+1, then its sampling
+            self._inflight = self._launch_sampling(*nxt)
         return self._outputs(touched)
 
-    def _launch_next(self, prev: InFlight) -> InFlight | None:
-        """Step n+1 for the requests of step n that are still running and cannot finish by length at n."""
+    def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
+        """The forward pass of step n+1 for the requests of step n that are still running and cannot
+        finish by length at n: (logits, scheduled), its sampling not launched yet."""
         if self.scheduler.waiting or not self._speculation_off():
             return None
         keep, scheduled = [], []
@@ -286,9 +297,12 @@ class LLMEngine:
         ids = prev.tokens
         if len(keep) != len(prev.scheduled):
             ids = ids[on_device(keep, torch.long, ids.device)]
+        t_exec = time.perf_counter()
         logits, _ = self.runner.execute(scheduled, input_ids=ids)
         self.scheduler.update(scheduled)
-        return self._launch_sampling(logits, scheduled)
+        if self.kv_tier is not None:
+            self.kv_tier.after_step(scheduled, time.perf_counter() - t_exec)
+        return logits, scheduled
 
     def _append(self, req: Request, group: RequestGroup, token: int, chosen_lp: float,
                 logprobs: dict[int, Logprob] | None, now: float) -> None:

@@ -232,11 +232,11 @@ class Sampler:
         logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
-    def launch(self, logits: torch.Tensor, requests: list[Request]):
+    def launch(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
         receives tokens then logprobs, an event set once it has, or None on the CPU). For
         `plain_sampling` rows only."""
-        tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests), requests)
+        tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests, grammar_masks), requests)
         cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
         host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=cuda)
         host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=cuda)

@@ -144,12 +144,12 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     width = min(v, vocab_size if vocab_size is not None else bitmask.shape[-1] * 32)
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+    idx = None   # every row (and in order); else the rows, through pinned memory: no wait for the forward pass
+    if rows is not None and not len(rows) == logits.shape[0] == bitmask.shape[0]:
+        idx = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=idx)
     if v > width:
-        if rows is None:
-            logits[:, width:] = NEG_INF
-        else:
-            logits[torch.tensor(rows, device=logits.device), width:] = NEG_INF
+        logits[slice(None) if idx is None else idx.long(), width:] = NEG_INF
 
 
 class _Buffers:

@@ -164,18 +164,27 @@ class KVTier:
         for h in hashes:
             self._remember(h)
 
-    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+    def _gather(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one
         index_select per layer and K/V straight into the result (ModelRunner.export_blocks stacks
-        block-major, three copies); the writer thread transposes while encoding (encode_batch)."""
+        block-major, three copies); the writer thread transposes while encoding (encode_batch).
+        On a GPU the copy to (pinned) host memory is queued behind the step's work, never waited
+        for here: the event marks it done, and the writer thread waits for that."""
         caches = self.runner.kv_caches
         k0 = caches[0][0]
-        idx = torch.tensor(block_ids, dtype=torch.long, device=k0.device)
+        cuda = k0.is_cuda
+        idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(k0.device, non_blocking=True)
         out = torch.empty((len(caches), 2, len(block_ids), *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
         for layer, (k, v) in enumerate(caches):
             torch.index_select(k, 0, idx, out=out[layer, 0])
             torch.index_select(v, 0, idx, out=out[layer, 1])
-        return out.cpu()   # on a GPU, one device-to-host copy
+        if not cuda:
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def _write(self, items: list) -> None:
         """The writer thread: encode (one copy and a CRC per block, GIL mostly released) and write
@@ -183,6 +192,9 @@ class KVTier:
         blocks = []
         for kind, hashes, data in items:
             if kind == "kv":
+                data, copied = data
+                if copied is not None:
+                    copied.synchronize()
                 blobs = self.codec.encode_batch(hashes, data.permute(2, 0, 1, 3, 4, 5))
                 blocks.extend(zip([self.key(h) for h in hashes], blobs))
         if blocks:

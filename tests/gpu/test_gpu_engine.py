@@ -16,7 +16,7 @@ import torch
 from loadtest.bench_engine import ensure_tokenizer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import check_overlapped_decoding
+from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -93,3 +93,8 @@ def test_overlapped_decoding_matches_step_by_step():
     llm = LLM(str(DUMMY), tokenizer=ensure_tokenizer(None), load_format="dummy", device="cuda", dtype="float32",
               max_num_seqs=8, max_model_len=512, num_kv_blocks=256, seed=0)
     check_overlapped_decoding(llm, PROMPTS, [1, 5, 17, 40], longest=3)
+
+
+def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, seed=0)
+    check_overlapped_grammar(llm, ["Name and age as JSON:", "def add(a, b):\n", "Is it true? Answer:"])

@@ -17,7 +17,7 @@ from services.draft import build_proposer
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import check_overlapped_decoding, eager_spec_steps
+from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar, eager_spec_steps
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the GPU tests cover this with real graphs")
@@ -77,6 +77,38 @@ def test_overlapped_decoding_matches_step_by_step(tiny_model_dir):
     """Overlapped decoding on graph buffers, with the fused sampling kernel in Triton's interpreter."""
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
     check_overlapped_decoding(llm, PROMPTS, [24, 19, 14], longest=0)
+
+
+def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
+    check_overlapped_grammar(llm, PROMPTS)
+
+
+def test_overlapped_steps_export_the_blocks_they_fill(tiny_model_dir, plain):
+    """With the KV tier on, decoding still overlaps, and blocks filled by overlapped steps are
+    exported with the KV they hold: a cold engine loads them and decodes the same tokens."""
+    from services.prefix_cache.store import MemoryKVStore
+    from services.prefix_cache.tier import KVTier
+    from services.prefix_cache.tier_config import KVTierConfig
+    store = MemoryKVStore(2**30)
+    tier = KVTier(KVTierConfig(write_policy="computed"), store=store)
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", kv_tier=tier, **COMMON), None)
+    calls, ahead = [], llm.engine._step_ahead
+    llm.engine._step_ahead = lambda: calls.append(1) or ahead()
+    assert outputs(llm) == plain and calls
+    tier.writer.flush(timeout_s=60)
+    prompt_blocks = sum(len(llm.engine.tokenizer.encode(p)) // 16 for p in PROMPTS)
+    assert tier.stats.blocks_exported > prompt_blocks      # decode-filled blocks too
+    # A cold engine on the same store: the prompts plus their outputs load from it, and continue alike.
+    longer = [llm.engine.tokenizer.encode(p) + o for p, o in zip(PROMPTS, plain)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(tiny_model_dir, **COMMON).generate(longer, params)]
+    cold_tier = KVTier(KVTierConfig(), store=store)
+    cold = LLM(tiny_model_dir, kv_tier=cold_tier, **COMMON)
+    assert [o.outputs[0].token_ids for o in cold.generate(longer, params)] == want
+    assert cold_tier.stats.blocks_hit > prompt_blocks
+    tier.close()
+    cold_tier.close()
 
 
 def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
