@@ -294,6 +294,35 @@ def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | No
                              # Host time spent on masks per step, relative to an unconstrained step: the
                              # part that cannot hide behind the forward pass on the CPU (noise-free).
                              "mask_share_of_step_pct": 100.0 * cons["mask_ms_per_step"] / free["step_ms_median"]}
+    out[f"fill_only_batch_{max(batches)}"] = fill_scaling(handle, max(batches))
+    return out
+
+
+def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
+    """xgrammar's mask fill alone for `batch` rows of the decode schema: a row at a time, and batched
+    on 1, 2, 4, 8 threads and "auto" (median ms per step); rows walk the grammar on random allowed tokens."""
+    import xgrammar as xgr  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from services.grammar.matcher import allocate_token_bitmask  # noqa: PLC0415
+    out = {}
+    for threads in (1, 2, 4, 8, "auto"):
+        rng, matchers = random.Random(0), [handle.new_matcher() for _ in range(batch)]
+        bitmask, batched = allocate_token_bitmask(batch, handle.vocab_size), xgr.BatchGrammarMatcher(threads)
+        serial, together = [], []
+        for _ in range(steps):
+            t = time.perf_counter()
+            for i, m in enumerate(matchers):
+                m.fill_next_token_bitmask(bitmask, i)
+            serial.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            batched.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, list(range(batch)))
+            together.append(time.perf_counter() - t)
+            for i, m in enumerate(matchers):
+                bits = ((bitmask[i].to(torch.int64) & 0xFFFFFFFF)[:, None] >> torch.arange(32)) & 1
+                m.accept_token(rng.choice([t for t in bits.flatten().nonzero().flatten().tolist()
+                                           if t < handle.vocab_size]))
+        out[f"threads_{threads}"] = {"row_at_a_time_ms": statistics.median(serial) * 1e3,
+                                     "batched_ms": statistics.median(together) * 1e3}
     return out
 
 
