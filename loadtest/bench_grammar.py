@@ -300,12 +300,12 @@ def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | No
 
 def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
     """xgrammar's mask fill alone for `batch` rows of the decode schema: a row at a time, and batched
-    on 1, 2, 4, 8 threads and "auto" (median ms per step); rows walk the grammar on random allowed tokens."""
+    on 1, 2, 4, 8, 16 threads and "auto" (median ms per step); rows walk the grammar on random allowed tokens."""
     import xgrammar as xgr  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from services.grammar.matcher import allocate_token_bitmask  # noqa: PLC0415
     out = {}
-    for threads in (1, 2, 4, 8, "auto"):
+    for threads in (1, 2, 4, 8, 16, "auto"):
         rng, matchers = random.Random(0), [handle.new_matcher() for _ in range(batch)]
         bitmask, batched = allocate_token_bitmask(batch, handle.vocab_size), xgr.BatchGrammarMatcher(threads)
         serial, together = [], []

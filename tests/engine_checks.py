@@ -1,6 +1,8 @@
 """Checks shared by the CPU tests of the graph steps (tests/unit/test_graph_steps.py) and the GPU tests."""
 from __future__ import annotations
 
+import torch
+
 from services.engine.sampling_params import SamplingParams
 
 
@@ -81,3 +83,29 @@ def check_overlapped_grammar(llm, prompts: list) -> None:
     assert got[2] in (("yes", "stop"), ("no", "stop"), ("maybe not", "stop"))
     engine.kv.check_invariants()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def check_overlapped_tier_export(llm, tier, prompts: list, max_tokens: int) -> list:
+    """With the KV tier on (write policy "computed"), decoding still overlaps, and every block that
+    became full, prompt or decode, is in the tier's store with exactly the KV the cache holds.
+    Returns the greedy outputs."""
+    engine = llm.engine
+    calls = []
+    ahead = engine._step_ahead
+    engine._step_ahead = lambda: calls.append(1) or ahead()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    engine._step_ahead = ahead
+    assert calls
+    tier.writer.flush(timeout_s=60)
+    ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    bs = engine.kv.block_size
+    # Distinct full blocks (prompts may share a prefix); the last token's KV is never written.
+    full = {tuple((p + o)[:(k + 1) * bs]) for p, o in zip(ids, outs) for k in range((len(p) + len(o) - 1) // bs)}
+    assert tier.stats.blocks_exported >= len(full) > sum(len(p) // bs for p in ids)
+    cached = list(engine.kv.cached.items())
+    blobs = tier.store.get_many([tier.key(h) for h, _ in cached])
+    for (h, block), blob in zip(cached, blobs):
+        assert blob is not None
+        assert torch.equal(tier.codec.decode(h, blob), engine.runner.export_blocks([block.block_id])[0])
+    return outs

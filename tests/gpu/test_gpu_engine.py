@@ -16,7 +16,7 @@ import torch
 from loadtest.bench_engine import ensure_tokenizer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar
+from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -98,3 +98,14 @@ def test_overlapped_decoding_matches_step_by_step():
 def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
     llm = LLM(tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, seed=0)
     check_overlapped_grammar(llm, ["Name and age as JSON:", "def add(a, b):\n", "Is it true? Answer:"])
+
+
+def test_overlapped_steps_export_the_blocks_they_fill():
+    from services.prefix_cache.store import MemoryKVStore
+    from services.prefix_cache.tier import KVTier
+    from services.prefix_cache.tier_config import KVTierConfig
+    tier = KVTier(KVTierConfig(write_policy="computed"), store=MemoryKVStore(2**30))
+    llm = LLM(str(DUMMY), tokenizer=ensure_tokenizer(None), load_format="dummy", device="cuda", dtype="bfloat16",
+              max_num_seqs=8, max_model_len=512, num_kv_blocks=256, seed=0, kv_tier=tier)
+    check_overlapped_tier_export(llm, tier, PROMPTS, max_tokens=40)
+    tier.close()

@@ -17,7 +17,8 @@ from services.draft import build_proposer
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar, eager_spec_steps
+from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
+                                 eager_spec_steps)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the GPU tests cover this with real graphs")
@@ -84,29 +85,23 @@ def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
     check_overlapped_grammar(llm, PROMPTS)
 
 
-def test_overlapped_steps_export_the_blocks_they_fill(tiny_model_dir, plain):
-    """With the KV tier on, decoding still overlaps, and blocks filled by overlapped steps are
-    exported with the KV they hold: a cold engine loads them and decodes the same tokens."""
+def test_overlapped_steps_export_the_blocks_they_fill(tiny_model_dir):
+    """Blocks filled by overlapped steps reach the tier with the KV they hold (the shared check), and a
+    cold engine on the same store loads the prompts plus their outputs and continues alike."""
     from services.prefix_cache.store import MemoryKVStore
     from services.prefix_cache.tier import KVTier
     from services.prefix_cache.tier_config import KVTierConfig
     store = MemoryKVStore(2**30)
     tier = KVTier(KVTierConfig(write_policy="computed"), store=store)
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", kv_tier=tier, **COMMON), None)
-    calls, ahead = [], llm.engine._step_ahead
-    llm.engine._step_ahead = lambda: calls.append(1) or ahead()
-    assert outputs(llm) == plain and calls
-    tier.writer.flush(timeout_s=60)
-    prompt_blocks = sum(len(llm.engine.tokenizer.encode(p)) // 16 for p in PROMPTS)
-    assert tier.stats.blocks_exported > prompt_blocks      # decode-filled blocks too
-    # A cold engine on the same store: the prompts plus their outputs load from it, and continue alike.
-    longer = [llm.engine.tokenizer.encode(p) + o for p, o in zip(PROMPTS, plain)]
+    outs = check_overlapped_tier_export(llm, tier, PROMPTS, max_tokens=24)
+    longer = [llm.engine.tokenizer.encode(p) + o for p, o in zip(PROMPTS, outs)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(tiny_model_dir, **COMMON).generate(longer, params)]
     cold_tier = KVTier(KVTierConfig(), store=store)
     cold = LLM(tiny_model_dir, kv_tier=cold_tier, **COMMON)
     assert [o.outputs[0].token_ids for o in cold.generate(longer, params)] == want
-    assert cold_tier.stats.blocks_hit > prompt_blocks
+    assert cold_tier.stats.blocks_hit == sum((len(p) - 1) // 16 for p in longer)
     tier.close()
     cold_tier.close()
 
