@@ -113,7 +113,7 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, V, seed, BLOCK: tl.const
     log-probability under the untempered row (logit - logsumexp), in one pass over the vocabulary."""
     row = tl.program_id(0).to(tl.int64)
     temp = tl.load(Temp + row)
-    inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 0.0)
+    inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)   # greedy rows: 1 (their score is x), so -inf * 0 never makes NaN
     noise = tl.where(temp > 0, 1.0, 0.0)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
