@@ -73,31 +73,37 @@ def redis_server_binary() -> str:
 
 class LocalRedis:
     """A redis-server (redis_server_binary) on a loopback port, no persistence; `extra_args` are more
-    redis-server options (e.g. "--maxmemory", "1gb")."""
+    redis-server options (e.g. "--maxmemory", "1gb"). Started at once; stop() then start() restarts
+    it on the same port, empty (fault tests)."""
 
     def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
-        binary = redis_server_binary()
         self.port = _free_port()
+        self.extra_args = tuple(extra_args)
         self.dir = tempfile.mkdtemp(prefix="inference-redis-")
-        self.proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
-                                      "--save", "", "--appendonly", "no", *extra_args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
+        self.proc: subprocess.Popen | None = None
+        self.start()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def start(self) -> "LocalRedis":
+        os.makedirs(self.dir, exist_ok=True)
+        self.proc = subprocess.Popen([redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+                                      "--dir", self.dir, "--save", "", "--appendonly", "no", *self.extra_args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)

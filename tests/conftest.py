@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from services.run import redis_server_binary
+from services.run import LocalRedis
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -37,46 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """A real redis-server process on a free loopback port; stop()/start() for fault tests."""
-
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="redis-")
-        self.extra_args = extra_args
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
-             "--save", "", "--appendonly", "no", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
 @pytest.fixture(scope="session")
 def redis_server():
-    server = RedisServer().start()
+    server = LocalRedis()
     yield server
     server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Redis killed, restarted, slowed and filled under load: the tier bypasses, nothing fails.
 
-Each test starts its own redis-server (tests/conftest.py RedisServer) so it can kill it.
+Each test starts its own redis-server (services/run.py LocalRedis) so it can kill it.
 """
 import signal
 import threading
@@ -14,7 +14,7 @@ from services.prefix_cache.breaker import CLOSED, CircuitBreaker
 from services.prefix_cache.hashing import block_hashes
 from services.prefix_cache.store import GuardedStore, RedisKVStore, block_key
 from services.prefix_cache.writer import AsyncWriter
-from tests.conftest import RedisServer
+from services.run import LocalRedis
 
 pytestmark = pytest.mark.integration
 LAYOUT = KVLayout("LKBHD", (2, 2, 16, 2, 16), "bfloat16")
@@ -82,7 +82,7 @@ def wait_for(cond, timeout_s=20.0):
 
 
 def test_kill_and_restart_redis_under_load():
-    server = RedisServer().start()
+    server = LocalRedis()
     breaker = CircuitBreaker(failure_threshold=3, cooldown_s=0.2)
     store = GuardedStore(RedisKVStore(server.url, socket_timeout_s=0.1, connect_timeout_s=0.1),
                          breaker)
@@ -104,7 +104,7 @@ def test_kill_and_restart_redis_under_load():
 
 
 def test_slow_redis_times_out_into_bypass():
-    server = RedisServer().start()
+    server = LocalRedis()
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=0.3)
     store = GuardedStore(RedisKVStore(server.url, socket_timeout_s=0.05), breaker)
     try:
@@ -126,7 +126,7 @@ def test_slow_redis_times_out_into_bypass():
 
 
 def test_out_of_memory_redis_is_bypassed_without_failures():
-    server = RedisServer(extra_args=("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")).start()
+    server = LocalRedis(("--maxmemory", "1mb", "--maxmemory-policy", "noeviction"))
     breaker = CircuitBreaker(failure_threshold=3, cooldown_s=0.2)
     store = GuardedStore(RedisKVStore(server.url), breaker)
     try:

@@ -8,7 +8,7 @@ from ray.serve.request_router import PendingRequest
 from services.prefix_cache.hashing import block_hashes
 from services.prefix_cache.index import PrefixIndex
 from services.prefix_cache.router import ROUTING_KWARG, PrefixAwareRouter, request_block_hashes
-from tests.conftest import RedisServer
+from services.run import LocalRedis
 
 pytestmark = pytest.mark.integration
 DEP = DeploymentID(name="LLMServer", app_name="app")
@@ -96,7 +96,7 @@ async def test_hashes_on_the_first_argument_are_read_too():
 
 
 async def test_redis_down_routes_by_load_without_errors():
-    server = RedisServer().start()
+    server = LocalRedis()
     ns = "down"
     index = PrefixIndex(server.url, ns)
     index.publish("B", added=HASHES)

@@ -8,7 +8,7 @@ import torch
 from services.prefix_cache.blob import BlobError, BlockCodec, KVLayout
 from services.prefix_cache.hashing import block_hashes
 from services.prefix_cache.store import RedisKVStore, block_key
-from tests.conftest import RedisServer
+from services.run import LocalRedis
 
 pytestmark = pytest.mark.integration
 LAYOUT = KVLayout("LKBHD", (2, 2, 16, 2, 16), "bfloat16")
@@ -74,7 +74,7 @@ def test_tenants_never_share_keys(redis_url, model):
 
 
 def test_maxmemory_allkeys_lru_evicts_instead_of_failing():
-    server = RedisServer(extra_args=("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")).start()
+    server = LocalRedis(("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"))
     try:
         store = RedisKVStore(server.url)
         codec = BlockCodec(LAYOUT, "m")

@@ -21,7 +21,7 @@ from services.prefix_cache.index import PrefixIndex
 from services.prefix_cache.store import MemoryKVStore
 from services.prefix_cache.tier import KVTier
 from services.prefix_cache.tier_config import KVTierConfig
-from tests.conftest import RedisServer
+from services.run import LocalRedis
 
 pytestmark = pytest.mark.integration
 ENGINE = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=256)
@@ -185,7 +185,7 @@ def test_redis_killed_and_restarted_under_requests(cold, reference):
     def fresh():
         return [[rng.randrange(3, 2000) for _ in range(40)] for _ in range(2)]
 
-    server = RedisServer().start()
+    server = LocalRedis()
     try:
         llm, tier = cold(redis_url=server.url, socket_timeout_s=0.1, breaker_failures=2,
                          breaker_cooldown_s=0.2, write_policy="computed")
