@@ -147,11 +147,24 @@ class ModelRunner:
         return graphs, spec
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
-    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """KV of whole blocks as one CPU tensor [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        per_layer = [torch.stack([k[idx], v[idx]], dim=1) for k, v in self.kv_caches]   # [N, 2, bs, h, d]
-        return torch.stack(per_layer, dim=1).cpu()
+    def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one index_select
+        per layer and K/V straight into the result. On a GPU the copy to (pinned) host memory is queued
+        behind the step's work, not waited for: the event marks it done (the KV tier's writer waits)."""
+        k0 = self.kv_caches[0][0]
+        cuda = k0.is_cuda
+        idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(k0.device, non_blocking=True)
+        out = torch.empty((len(self.kv_caches), 2, len(block_ids), *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            torch.index_select(k, 0, idx, out=out[layer, 0])
+            torch.index_select(v, 0, idx, out=out[layer, 1])
+        if not cuda:
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)

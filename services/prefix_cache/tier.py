@@ -156,35 +156,13 @@ class KVTier:
         if not blocks:
             return
         hashes = [h for _, h in blocks]
-        data = self._gather([b for b, _ in blocks])
+        data = self.runner.export_blocks([b for b, _ in blocks])
         if not self.writer.submit(("kv", hashes, data), weight=len(blocks)):
             metrics.KV_TIER_WRITES_DROPPED.labels(self.name).inc(len(blocks))
             return
         self._count("blocks_exported", len(blocks))
         for h in hashes:
             self._remember(h)
-
-    def _gather(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one
-        index_select per layer and K/V straight into the result (ModelRunner.export_blocks stacks
-        block-major, three copies); the writer thread transposes while encoding (encode_batch).
-        On a GPU the copy to (pinned) host memory is queued behind the step's work, never waited
-        for here: the event marks it done, and the writer thread waits for that."""
-        caches = self.runner.kv_caches
-        k0 = caches[0][0]
-        cuda = k0.is_cuda
-        idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(k0.device, non_blocking=True)
-        out = torch.empty((len(caches), 2, len(block_ids), *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
-        for layer, (k, v) in enumerate(caches):
-            torch.index_select(k, 0, idx, out=out[layer, 0])
-            torch.index_select(v, 0, idx, out=out[layer, 1])
-        if not cuda:
-            return out, None
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
 
     def _write(self, items: list) -> None:
         """The writer thread: encode (one copy and a CRC per block, GIL mostly released) and write
