@@ -49,6 +49,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
+def _rotate_heads(P, stride_t, stride_h, t, cos, sin, d, dm, H: tl.constexpr, H_PAD: tl.constexpr,
+                  HALF: tl.constexpr):
+    """Token t's H heads of P rotated in place (neox style: halves [x1, x2] -> [x1 c - x2 s, x2 c + x1 s])."""
+    h = tl.arange(0, H_PAD)[:, None]
+    m = (h < H) & dm[None, :]
+    p1 = P + t * stride_t + h * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(P.dtype.element_ty), mask=m)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(P.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _rotary_kernel(Q, K, Pos, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
                    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HQ_PAD: tl.constexpr,
                    HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
@@ -58,20 +71,8 @@ def _rotary_kernel(Q, K, Pos, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_
     dm = d < HALF
     cos = tl.load(Cos + pos * stride_c + d, mask=dm, other=0.0)[None, :]
     sin = tl.load(Sin + pos * stride_c + d, mask=dm, other=0.0)[None, :]
-    hq = tl.arange(0, HQ_PAD)[:, None]
-    mq = (hq < HQ) & dm[None, :]
-    q1p = Q + t * stride_qt + hq * stride_qh + d[None, :]
-    q1 = tl.load(q1p, mask=mq, other=0.0).to(tl.float32)
-    q2 = tl.load(q1p + HALF, mask=mq, other=0.0).to(tl.float32)
-    tl.store(q1p, (q1 * cos - q2 * sin).to(Q.dtype.element_ty), mask=mq)
-    tl.store(q1p + HALF, (q2 * cos + q1 * sin).to(Q.dtype.element_ty), mask=mq)
-    hk = tl.arange(0, HK_PAD)[:, None]
-    mk = (hk < HK) & dm[None, :]
-    k1p = K + t * stride_kt + hk * stride_kh + d[None, :]
-    k1 = tl.load(k1p, mask=mk, other=0.0).to(tl.float32)
-    k2 = tl.load(k1p + HALF, mask=mk, other=0.0).to(tl.float32)
-    tl.store(k1p, (k1 * cos - k2 * sin).to(K.dtype.element_ty), mask=mk)
-    tl.store(k1p + HALF, (k2 * cos + k1 * sin).to(K.dtype.element_ty), mask=mk)
+    _rotate_heads(Q, stride_qt, stride_qh, t, cos, sin, d, dm, HQ, HQ_PAD, HALF)
+    _rotate_heads(K, stride_kt, stride_kh, t, cos, sin, d, dm, HK, HK_PAD, HALF)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
