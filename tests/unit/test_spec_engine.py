@@ -10,6 +10,7 @@ deliberately bad one. Adaptivity and overrides: a useless proposer is switched o
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -219,6 +220,43 @@ def test_adaptive_turns_a_useless_proposer_off(tiny_model_dir, plain):
     stats = llm.engine.speculator.stats
     # A few steps to learn that guesses fail, then only the occasional probe with one guess.
     assert stats.num_verify_steps < 20 and stats.num_proposed_tokens < 40
+
+
+class SlowWithBatchOracle(Proposer):
+    """Always right (the target's own greedy continuation, looked up by prefix), and slow in the
+    square of the number of sequences per call: worth it alone, not in a batch of four."""
+    name = "oracle"
+
+    def __init__(self, continuations: list[list[int]], seconds_per_seq2: float):
+        self.continuations, self.seconds = continuations, seconds_per_seq2
+
+    def propose(self, inputs: list[ProposalInput]) -> list[Proposal | None]:
+        time.sleep(self.seconds * len(inputs) ** 2)
+        out = []
+        for inp in inputs:
+            full = next(c for c in self.continuations if c[:len(inp.token_ids)] == inp.token_ids)
+            out.append(Proposal(full[len(inp.token_ids):][:inp.num_speculative_tokens]))
+        return out
+
+
+def test_costs_are_measured_per_batch_size(tiny_model_dir, plain):
+    """Speculation that does not pay at batch 4 turns off there; a request alone afterwards speculates
+    from its first step: a cost measured at batch 4 says nothing about batch 1."""
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompts = PROMPTS[:4]
+    tok = plain.engine.tokenizer
+    full = [tok.encode(p) + out[0] for p, out in zip(prompts, token_ids(plain, prompts, params))]
+    llm = LLM(tiny_model_dir, proposers={"draft": SlowWithBatchOracle(full, 0.004)}, speculative_method="draft",
+              **ENGINE)
+    stats = llm.engine.speculator.stats
+    assert [o[0] for o in token_ids(llm, prompts, params)] == [f[-48:] for f in full]
+    # Batch 4: 64 ms a call against steps of a few ms; a few calls to learn that, then probes only.
+    assert stats.num_draft_calls < 12
+    calls = stats.num_draft_calls
+    assert token_ids(llm, prompts[:1], params)[0][0] == full[0][-48:]
+    # Batch 1: 4 ms a call, every guess accepted: it speculates from the first decode step to the end.
+    assert stats.num_draft_calls - calls >= 48 // 5
+    assert stats.num_accepted_tokens == stats.num_proposed_tokens
 
 
 def test_per_request_override_and_batch_cap(tiny_model_dir, spec_llms):
