@@ -15,7 +15,7 @@ step gpu tests
 python3 -m pytest -m gpu tests/gpu -o addopts="" -q > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
 step speculative decoding
 python3 loadtest/bench_spec.py --device cuda --out "$OUT/bench_spec_cuda.json" 2>&1 | grep -v '^{'
-step speculative decoding, a 1.1B target with the tiny target's function "(loadtest/inflate_model.py)"
+step speculative decoding on a 1.1B target with the tiny target function "(loadtest/inflate_model.py)"
 python3 -m loadtest.inflate_model models/tiny-target /tmp/tiny-target-1b > /dev/null \
   && python3 loadtest/bench_spec.py --device cuda --target /tmp/tiny-target-1b --out "$OUT/bench_spec_cuda_1b.json" 2>&1 | grep -v '^{'
 step grammar masks
