@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,6 @@ def _q(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
     p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
     return {"median_ms": round(statistics.median(xs) * 1e3, 3), "p90_ms": round(p90 * 1e3, 3), "n": len(xs)}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Ctx:
@@ -237,7 +230,7 @@ def serve_child(mode: str, config_args: str) -> int:
 
 def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     from services.config import StackConfig
-    from services.run import SERVE_ENV
+    from services.run import SERVE_ENV, free_port
 
     engine_args = {"model": model, "max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8}
     local = engine_alone(engine_args, requests, max_tokens)
@@ -251,7 +244,7 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     targets: dict[str, tuple[str, str]] = {}
     try:
         for mode in MODES:
-            http_port, grpc_port = _port(), _port()
+            http_port, grpc_port = free_port(), free_port()
             args = {"model": model, "http_port": http_port, "grpc_port": grpc_port, "host": "127.0.0.1",
                     "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}}
             child = children[mode] = subprocess.Popen(

@@ -51,7 +51,7 @@ SERVE_ENV = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,7 +77,7 @@ class LocalRedis:
     it on the same port, empty (fault tests)."""
 
     def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.extra_args = tuple(extra_args)
         self.dir = tempfile.mkdtemp(prefix="inference-redis-")
         self.proc: subprocess.Popen | None = None
@@ -154,8 +154,8 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
                 "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ports + 32),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ports + 63),
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha),

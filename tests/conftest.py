@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ def pytest_configure(config):
     # one intra-op thread is faster than two fighting over the cores.
     import torch  # noqa: PLC0415
     torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from services.run import free_port
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("sk-loadtest-alpha", "sk-loadtest-beta")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def stack(tmp_path_factory, tiny_model_dir, redis_url):
     tmp = tmp_path_factory.mktemp("loadtest-stack")
     keys = tmp / "keys.yaml"
     keys.write_text("keys:\n" + "".join(f"  - {{key: {k}, tenant: t{i}}}\n" for i, k in enumerate(KEYS)))
-    http, grpc_port = _free_port(), _free_port()
+    http, grpc_port = free_port(), free_port()
     env = {**os.environ, "INFER_MODEL": tiny_model_dir, "INFER_HTTP_PORT": str(http),
            "INFER_GRPC_PORT": str(grpc_port), "INFER_HOST": "127.0.0.1", "INFER_REDIS_URL": redis_url,
            "INFER_API_KEYS_FILE": str(keys), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}

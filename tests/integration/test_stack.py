@@ -8,7 +8,6 @@ count and KV usage back to baseline); auth on every route of both surfaces; 429 
 """
 import json
 import os
-import socket
 import time
 
 import grpc
@@ -21,16 +20,11 @@ from services.config import StackConfig
 from services.engine.sampling_params import SamplingParams
 from services.gen.inference.v1 import inference_pb2 as pb
 from services.gen.inference.v1 import inference_pb2_grpc as pbg
+from services.run import free_port
 
 pytestmark = pytest.mark.integration
 KEY, BURST_KEY = "sk-test-acme", "sk-test-burst"
 MODEL = "tiny"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +43,7 @@ def stack(model_dir, redis_url, tmp_path_factory):
                                          {"key": BURST_KEY, "tenant": "bursty", "rate_limit_tokens_per_s": 0.5,
                                           "burst": 40}]}))
     cfg = StackConfig.from_args({
-        "model": model_dir, "model_name": MODEL, "host": "127.0.0.1", "http_port": _port(), "grpc_port": _port(),
+        "model": model_dir, "model_name": MODEL, "host": "127.0.0.1", "http_port": free_port(), "grpc_port": free_port(),
         "redis_url": redis_url, "api_keys_file": str(keys), "llm_max_queued_requests": 16,
         "engine_max_num_seqs": 8, "engine_max_model_len": 1024,
         "engine_num_kv_blocks": 256})

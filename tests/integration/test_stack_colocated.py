@@ -21,7 +21,7 @@ from openai import OpenAI
 from services.engine.sampling_params import SamplingParams
 from services.gen.inference.v1 import inference_pb2 as pb
 from services.gen.inference.v1 import inference_pb2_grpc as pbg
-from tests.conftest import free_port
+from services.run import free_port
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
