@@ -302,8 +302,8 @@ def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
     """xgrammar's mask fill alone for `batch` rows of the decode schema: a row at a time, and batched
     on 1, 2, 4, 8, 16 threads and "auto" (median ms per step); rows walk the grammar on random allowed tokens."""
     import xgrammar as xgr  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from services.grammar.matcher import allocate_token_bitmask  # noqa: PLC0415
+    from services.grammar.matcher import _allowed, allocate_token_bitmask  # noqa: PLC0415
+    v = handle.vocab_size
     out = {}
     for threads in (1, 2, 4, 8, 16, "auto"):
         rng, matchers = random.Random(0), [handle.new_matcher() for _ in range(batch)]
@@ -318,9 +318,7 @@ def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
             batched.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, list(range(batch)))
             together.append(time.perf_counter() - t)
             for i, m in enumerate(matchers):
-                bits = ((bitmask[i].to(torch.int64) & 0xFFFFFFFF)[:, None] >> torch.arange(32)) & 1
-                m.accept_token(rng.choice([t for t in bits.flatten().nonzero().flatten().tolist()
-                                           if t < handle.vocab_size]))
+                m.accept_token(rng.choice(_allowed(bitmask[i], v, v).nonzero().flatten().tolist()))
         out[f"threads_{threads}"] = {"row_at_a_time_ms": statistics.median(serial) * 1e3,
                                      "batched_ms": statistics.median(together) * 1e3}
     return out

@@ -20,14 +20,20 @@ def eager_spec_steps(runner) -> list[bool]:
     return seen
 
 
+def overlapped_steps(engine) -> list:
+    """Counts the engine's overlapped steps from now on: one entry per `_step_ahead` call."""
+    calls: list = []
+    ahead = engine._step_ahead
+    engine._step_ahead = lambda: calls.append(1) or ahead()
+    return calls
+
+
 def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: int) -> None:
     """Plain sampling decodes overlapped (the next step launched before this one's tokens are read);
     logprobs turn that off. Same tokens either way, also when request `longest` stops early on a
     stop id (its extra launched row is dropped), and every KV block comes back."""
     engine = llm.engine
-    calls = []
-    ahead = engine._step_ahead
-    engine._step_ahead = lambda: calls.append(1) or ahead()
+    calls = overlapped_steps(engine)
 
     def run(logprobs, stop_ids=()):
         params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=logprobs,
@@ -63,9 +69,7 @@ def check_overlapped_grammar(llm, prompts: list) -> None:
                                                "age": {"type": "integer"}}, "required": ["name", "age"]}
     js = GrammarHandle.compile(GrammarSpec.json_schema(schema), info)
     choice = GrammarHandle.compile(GrammarSpec.choice(["yes", "no", "maybe not"]), info)
-    calls = []
-    ahead = engine._step_ahead
-    engine._step_ahead = lambda: calls.append(1) or ahead()
+    calls = overlapped_steps(engine)
 
     def run(logprobs):
         params = [SamplingParams(temperature=0.0, max_tokens=40, grammar=js, logprobs=logprobs),
@@ -76,7 +80,6 @@ def check_overlapped_grammar(llm, prompts: list) -> None:
     reference = run(logprobs=0)
     assert not calls                                       # logprobs: step by step
     got = run(logprobs=None)
-    engine._step_ahead = ahead
     assert got == reference and calls                      # overlapped, same text
     if got[0][1] == "stop":
         assert set(json.loads(got[0][0])) == {"name", "age"}
@@ -90,12 +93,9 @@ def check_overlapped_tier_export(llm, tier, prompts: list, max_tokens: int) -> l
     became full, prompt or decode, is in the tier's store with exactly the KV the cache holds.
     Returns the greedy outputs."""
     engine = llm.engine
-    calls = []
-    ahead = engine._step_ahead
-    engine._step_ahead = lambda: calls.append(1) or ahead()
+    calls = overlapped_steps(engine)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
-    engine._step_ahead = ahead
     assert calls
     tier.writer.flush(timeout_s=60)
     ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
