@@ -1,9 +1,29 @@
 """Checks shared by the CPU tests of the graph steps (tests/unit/test_graph_steps.py) and the GPU tests."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from services.engine.sampling_params import SamplingParams
+from services.engine.spec_decode import Proposal, ProposalInput, Proposer
+
+
+class Oracle(Proposer):
+    """Always right: guesses the target's own greedy continuation (looked up by prefix among
+    `continuations`: prompt + output ids), after sleeping delay(number of sequences in the call) s."""
+    name = "oracle"
+
+    def __init__(self, continuations: list[list[int]], delay):
+        self.continuations, self.delay = continuations, delay
+
+    def propose(self, inputs: list[ProposalInput]) -> list[Proposal | None]:
+        time.sleep(self.delay(len(inputs)))
+        out = []
+        for inp in inputs:
+            full = next(c for c in self.continuations if c[:len(inp.token_ids)] == inp.token_ids)
+            out.append(Proposal(full[len(inp.token_ids):][:inp.num_speculative_tokens]))
+        return out
 
 
 def eager_spec_steps(runner) -> list[bool]:

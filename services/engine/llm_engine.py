@@ -84,6 +84,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._inflight: InFlight | None = None   # a launched step whose tokens are not read yet
+        self._speculate = False   # [spec] whether the current step speculates (Speculator.active)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = getattr(self.hf_config, "eos_token_id", None)
@@ -158,12 +159,15 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self._speculate = self.speculator.active(self.scheduler.running, self.generation_tokens_total,
+                                                     self.runner.graphs is not None)
         if self._inflight is not None:   # overlapped decoding (below): launch the next step, read this one
             return self._step_ahead()
         if self.kv_tier is not None:   # [kv-tier] requests whose fetch ended (or timed out); idle: wait a bit
             for r in self.kv_tier.ready(wait=not self.scheduler.running and not self.scheduler.waiting):
                 self.scheduler.add(r)
-        if self.speculator is not None:   # [spec] guesses become extra tokens for the scheduler
+        if self._speculate:   # [spec] guesses become extra tokens for the scheduler
             self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -225,7 +229,7 @@ class LLMEngine:
     # detokenisation, outputs): the host's work hides behind the GPU's. A row launched for a request that
     # step n then finishes (EOS, a stop string, an abort) is dropped. Only plain decoding overlaps (graph
     # decode steps, temperature/greedy sampling with nothing that reads the newest token: no penalties,
-    # pending min_tokens or logprobs; speculation only while the batch is too large for it to propose),
+    # pending min_tokens or logprobs; with a speculator, only in steps it sits out: Speculator.active),
     # and only while no request waits. [grammar] A step with constrained rows launches its forward pass
     # first and its sampling only after step n's tokens were accepted by the matchers: the masks are
     # filled on the CPU while the forward pass runs. [kv-tier] Blocks are exported as they fill, copied
@@ -245,9 +249,8 @@ class LLMEngine:
         return True
 
     def _speculation_off(self) -> bool:
-        """No speculator, or the batch is above the size where it stops proposing (it resumes below)."""
-        cap = self.config.speculative_disable_batch_size
-        return self.speculator is None or (cap is not None and len(self.scheduler.running) > cap)
+        """No speculator, or it sits this step out (batch above its cap, or plain steps measured faster)."""
+        return not self._speculate
 
     def _launch_sampling(self, logits, scheduled: list, masks=None) -> InFlight:
         tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled], masks)

@@ -14,13 +14,19 @@ position over the engine's step time) give the k in
 off for that sequence; every PROBE_EVERY steps it tries k = 1 again, so it comes back on when
 acceptance recovers. Above `speculative_disable_batch_size` running sequences, nobody speculates:
 verifying k extra tokens per sequence stops being free once the batch is compute-bound.
+
+That model compares a step with guesses against the same engine's step without them. On a GPU the
+real alternative is cheaper: plain steps overlap (the host prepares step n+1 while the GPU runs step n),
+speculative ones do not. So where steps can overlap, `SpecGate` decides per batch-size bucket whether
+to speculate at all, from what each mode has been measured to deliver (tokens per second), exploring
+the slower mode now and then.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,7 +51,7 @@ class SpecStats:
     num_draft_calls: int = 0
     draft_time_s: float = 0.0
     num_fallbacks: int = 0           # proposer calls that failed or timed out (plain decoding instead)
-    num_skipped_steps: int = 0       # steps without speculation because the batch was too large
+    num_skipped_steps: int = 0       # steps without speculation: batch above the cap, or plain measured faster
 
     @property
     def acceptance_rate(self) -> float:
@@ -54,6 +60,81 @@ class SpecStats:
     @property
     def mean_accepted_length(self) -> float:
         return self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+def bucket_of(num_running: int) -> int:
+    """The batch-size bucket costs and rates are kept for: 1, 2, 4, 8, ..."""
+    return 1 << max(num_running - 1, 0).bit_length()
+
+
+@dataclass(slots=True)
+class _Mode:
+    """One bucket's state in SpecGate."""
+    speculate: bool = False     # the mode of the current stretch (a new bucket measures plain first)
+    left: int = 0               # steps left in the stretch
+    exploring: bool = True      # the stretch measures the mode not preferred (or not measured yet)
+    preferred: bool | None = None   # the faster mode at the last comparison
+    exploit: int = 0            # length of the stretches in the preferred mode
+    rate: dict = field(default_factory=dict)   # mode -> tokens/s over its latest stretch
+    tokens: int = 0             # the current stretch's measured steps
+    seconds: float = 0.0
+
+
+class SpecGate:
+    """Speculate or decode plainly, per batch-size bucket, by measured tokens per second.
+
+    Steps alternate in stretches: a new bucket runs WINDOW plain steps, then WINDOW speculative
+    ones, then the faster mode for `exploit` steps, then WINDOW steps of the other mode again, and so
+    on. Each time exploring confirms the preferred mode, its stretch doubles (up to EXPLOIT[1]), so
+    exploring costs less and less where one mode is clearly faster; a flip resets it. A stretch's rate
+    is the tokens appended over its steps but the first (a mode switch's first step is a transition:
+    the last overlapped tokens are read, or the pipeline refills), divided by their time."""
+    WINDOW = 6
+    EXPLOIT = (32, 1024)
+    IDLE_S = 1.0     # a longer step is idle time (no requests), not measured
+
+    def __init__(self):
+        self._modes: dict[int, _Mode] = {}
+        self._prev: tuple[_Mode, bool, int, float, bool] | None = None   # mode, speculate, tokens, time, measured
+
+    def __call__(self, bucket: int, tokens: int, now: float) -> bool:
+        """Whether the step about to run, in `bucket`, speculates; `tokens` generated so far, at `now`."""
+        if self._prev is not None:
+            m, spec, tok, t, measured = self._prev
+            if measured and 0 < now - t < self.IDLE_S:
+                m.tokens += tokens - tok
+                m.seconds += now - t
+            m.left -= 1
+            if m.left <= 0:
+                self._next_stretch(m)
+        m = self._modes.get(bucket)
+        if m is None:
+            m = self._modes[bucket] = _Mode(left=self.WINDOW)
+        prev = self._prev
+        self._prev = (m, m.speculate, tokens, now, prev is not None and prev[0] is m and prev[1] == m.speculate)
+        return m.speculate
+
+    def reset(self) -> None:
+        """The next step follows one the gate did not decide (nothing to measure across it)."""
+        self._prev = None
+
+    def _next_stretch(self, m: _Mode) -> None:
+        if m.seconds > 0:
+            m.rate[m.speculate] = m.tokens / m.seconds
+        m.tokens, m.seconds = 0, 0.0
+        other = not m.speculate
+        if other not in m.rate or not m.exploring:   # measure the other mode
+            m.speculate, m.left, m.exploring = other, self.WINDOW, True
+            return
+        best = m.rate[True] > m.rate[False]
+        m.exploit = min(2 * m.exploit, self.EXPLOIT[1]) if best == m.preferred else self.EXPLOIT[0]
+        m.preferred = best
+        m.speculate, m.left, m.exploring = best, m.exploit, False
+
+    def preferred(self, bucket: int) -> bool | None:
+        """Whether speculating was measured faster for `bucket` (None: not both modes measured yet)."""
+        m = self._modes.get(bucket)
+        return None if m is None else m.preferred
 
 
 @dataclass(slots=True)
@@ -90,6 +171,7 @@ class Speculator:
         self._cost: dict[tuple[str, int], float] = {}
         self._step_time: dict[int, float] = {}
         self._bucket = 1   # the bucket of the step being proposed for
+        self.gate = SpecGate()
         self._last_propose: float | None = None
         self._last_draft_time = 0.0
 
@@ -126,6 +208,30 @@ class Speculator:
         st.steps_off = 0
         return best
 
+    # ---- speculate this step? -----------------------------------------------------------------------
+    def active(self, running: list[Request], tokens_total: int, can_overlap: bool) -> bool:
+        """Whether the engine step about to run speculates (called once per step): not above the batch
+        size cap, and, where plain steps overlap (`can_overlap`: GPU graphs) and k adapts, only in
+        buckets where SpecGate measures speculating faster. `tokens_total`: tokens generated so far."""
+        cap = self.config.speculative_disable_batch_size
+        on = cap is None or len(running) <= cap
+        if on and self.config.speculative_adaptive and can_overlap:
+            on = self.gate(bucket_of(len(running)), tokens_total, time.perf_counter())
+        else:
+            self.gate.reset()
+        if not on:
+            self.stats.num_skipped_steps += 1
+            self._last_propose = None   # step times are measured between consecutive speculative steps
+            if self._seqs and self.stats.num_skipped_steps % 16 == 0:
+                self._release_gone(running)
+        return on
+
+    def _release_gone(self, running: list[Request]) -> None:
+        live = {r.request_id for r in running}
+        for rid in [rid for rid in self._seqs if rid not in live]:
+            st = self._seqs.pop(rid)
+            self.proposers[st.method].release([rid])
+
     # ---- propose ---------------------------------------------------------------------------------
     def propose(self, running: list[Request]) -> None:
         now = time.monotonic()
@@ -135,17 +241,9 @@ class Speculator:
                 prev = self._step_time.get(self._bucket)   # (still the previous step's bucket)
                 self._step_time[self._bucket] = gap if prev is None else 0.8 * prev + 0.2 * gap
         self._last_propose, self._last_draft_time = now, 0.0
-        self._bucket = 1 << max(len(running) - 1, 0).bit_length()
+        self._bucket = bucket_of(len(running))
         self._proposals.clear()
-        live = {r.request_id for r in running}
-        gone = [rid for rid in self._seqs if rid not in live]
-        for rid in gone:
-            st = self._seqs.pop(rid)
-            self.proposers[st.method].release([rid])
-        cap = self.config.speculative_disable_batch_size
-        if cap is not None and len(running) > cap:   # verify() has cleared every request's guesses
-            self.stats.num_skipped_steps += 1
-            return
+        self._release_gone(running)
         by_method: dict[str, list[tuple[Request, int]]] = {}
         candidates = []
         for r in running:

@@ -224,7 +224,8 @@ class SpecStatsCollector:
                      "Proposer calls that failed or timed out (those steps decoded without "
                      "speculation).", s.num_fallbacks)
         yield family(CounterMetricFamily, "inference_spec_skipped_steps",
-                     "Steps without speculation because the batch was above the size cap.",
+                     "Steps without speculation: the batch was above the size cap, or plain (overlapped) "
+                     "steps were measured faster at this batch size.",
                      s.num_skipped_steps)
 
 

@@ -12,7 +12,7 @@ import torch
 from services.draft import build_proposer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import eager_spec_steps
+from tests.engine_checks import Oracle, eager_spec_steps, overlapped_steps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -62,3 +62,22 @@ def test_speculative_steps_replay_graphs_with_plain_outputs(tiny_model_dir, tiny
         assert catch_up[0] > 0
     # Nothing leaked: every block is back once the requests are done.
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_adaptive_speculation_compares_with_overlapped_plain_steps(tiny_model_dir):
+    """Where plain steps overlap, adaptive speculation measures both modes (SpecGate): an always-right
+    proposer that answers at once is kept on; the same proposer taking 20 ms a call is turned off and
+    the steps overlap. Outputs stay plain decoding's either way."""
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    plain = LLM(tiny_model_dir, **COMMON)
+    want = [list(o.outputs[0].token_ids) for o in plain.generate(PROMPTS[:1], params)]
+    full = [plain.engine.tokenizer.encode(PROMPTS[0]) + want[0]]
+    for delay, faster in ((0.0, True), (0.02, False)):
+        llm = LLM(tiny_model_dir, proposers={"draft": Oracle(full, lambda n, d=delay: d)}, speculative_method="draft",
+                  **COMMON)
+        ahead = overlapped_steps(llm.engine)
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[:1], params)] == want
+        gate = llm.engine.speculator.gate
+        assert gate.preferred(1) is faster, gate._modes[1].rate
+        assert ahead   # the plain stretches overlap
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

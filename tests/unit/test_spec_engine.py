@@ -10,7 +10,6 @@ deliberately bad one. Adaptivity and overrides: a useless proposer is switched o
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from services.draft import build_proposer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from services.engine.spec_decode import Proposal, ProposalInput, Proposer
+from tests.engine_checks import Oracle
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self", "x = ",
            "    def __repr__(self):\n        return", "for i in range(10):"]
@@ -222,23 +222,6 @@ def test_adaptive_turns_a_useless_proposer_off(tiny_model_dir, plain):
     assert stats.num_verify_steps < 20 and stats.num_proposed_tokens < 40
 
 
-class SlowWithBatchOracle(Proposer):
-    """Always right (the target's own greedy continuation, looked up by prefix), and slow in the
-    square of the number of sequences per call: worth it alone, not in a batch of four."""
-    name = "oracle"
-
-    def __init__(self, continuations: list[list[int]], seconds_per_seq2: float):
-        self.continuations, self.seconds = continuations, seconds_per_seq2
-
-    def propose(self, inputs: list[ProposalInput]) -> list[Proposal | None]:
-        time.sleep(self.seconds * len(inputs) ** 2)
-        out = []
-        for inp in inputs:
-            full = next(c for c in self.continuations if c[:len(inp.token_ids)] == inp.token_ids)
-            out.append(Proposal(full[len(inp.token_ids):][:inp.num_speculative_tokens]))
-        return out
-
-
 def test_costs_are_measured_per_batch_size(tiny_model_dir, plain):
     """Speculation that does not pay at batch 4 turns off there; a request alone afterwards speculates
     from its first step: a cost measured at batch 4 says nothing about batch 1."""
@@ -246,7 +229,8 @@ def test_costs_are_measured_per_batch_size(tiny_model_dir, plain):
     prompts = PROMPTS[:4]
     tok = plain.engine.tokenizer
     full = [tok.encode(p) + out[0] for p, out in zip(prompts, token_ids(plain, prompts, params))]
-    llm = LLM(tiny_model_dir, proposers={"draft": SlowWithBatchOracle(full, 0.004)}, speculative_method="draft",
+    # Always right, and slow in the square of the number of sequences per call: worth it alone, not in a batch of four.
+    llm = LLM(tiny_model_dir, proposers={"draft": Oracle(full, lambda n: 0.004 * n * n)}, speculative_method="draft",
               **ENGINE)
     stats = llm.engine.speculator.stats
     assert [o[0] for o in token_ids(llm, prompts, params)] == [f[-48:] for f in full]
@@ -257,6 +241,35 @@ def test_costs_are_measured_per_batch_size(tiny_model_dir, plain):
     # Batch 1: 4 ms a call, every guess accepted: it speculates from the first decode step to the end.
     assert stats.num_draft_calls - calls >= 48 // 5
     assert stats.num_accepted_tokens == stats.num_proposed_tokens
+
+
+def drive_gate(gate, rates: dict[bool, float], steps: int, bucket: int = 8) -> list[bool]:
+    """Runs `gate` for `steps` steps where a speculative / plain step delivers rates[mode] tokens in
+    1 ms; returns the mode of each step."""
+    modes, tokens, now = [], 0, 100.0
+    for _ in range(steps):
+        spec = gate(bucket, tokens, now)
+        modes.append(spec)
+        tokens, now = tokens + round(rates[spec]), now + 1e-3
+    return modes
+
+
+def test_gate_prefers_the_faster_mode_and_explores_less_and_less():
+    """SpecGate (where plain steps overlap): plain first, then speculation, then the faster one, with
+    exploring stretches of WINDOW steps between ever longer stretches of the faster mode."""
+    from services.engine.speculator import SpecGate  # noqa: PLC0415
+    w, (lo, hi) = SpecGate.WINDOW, SpecGate.EXPLOIT
+    gate = SpecGate()
+    modes = drive_gate(gate, {True: 6, False: 10}, 2 * w + lo + w + 2 * lo + w)
+    assert modes == [False] * w + [True] * w + [False] * lo + [True] * w + [False] * 2 * lo + [True] * w
+    assert gate.preferred(8) is False and gate.preferred(1) is None
+    # Speculation gets faster (acceptance rose): the next exploring stretch flips the bucket to it.
+    modes = drive_gate(gate, {True: 30, False: 10}, 4 * lo + w + lo)
+    assert modes[-lo:] == [True] * lo and gate.preferred(8) is True
+    # Buckets are independent; a mode never runs past EXPLOIT[1] steps without the other measured.
+    assert drive_gate(gate, {True: 30, False: 10}, 2 * w + 1, bucket=1)[-1] is True
+    long = drive_gate(gate, {True: 30, False: 10}, 20 * hi)
+    assert max(len(run) for run in "".join("s" if m else "p" for m in long).split("p")) <= hi
 
 
 def test_per_request_override_and_batch_cap(tiny_model_dir, spec_llms):
