@@ -80,7 +80,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     ap.add_argument("--out", default=None, help="JSON file to write")
+    ap.add_argument("--trace-gate", action="store_true", help="log each SpecGate stretch (speculate or not)")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="adaptive k only: speculate in every step below the batch cap (no SpecGate)")
     args = ap.parse_args()
+    if args.trace_gate:
+        import logging  # noqa: PLC0415
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("services.engine.speculator").setLevel(logging.DEBUG)
     import torch  # noqa: PLC0415
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,7 +107,7 @@ def main() -> None:
         base[b] = median_run(plain, prompts[b], args.max_tokens, f"plain{b}", args.repeats)
         print(f"plain      batch {b:3d}: {base[b][0]:9.1f} tok/s", flush=True)
     del plain
-    results = []
+    results, gates = [], {}
     for method in methods:
         handle = None
         if method == "remote":
@@ -112,8 +119,10 @@ def main() -> None:
                                       speculative_adaptive=not args.no_adaptive,
                                       speculative_disable_batch_size=None if args.no_adaptive else 32),
                          {method: proposer})
-        for b in batches:
-            run(spec, prompts[b], 8, f"warm{b}")
+        if args.no_gate:
+            spec.speculator.gate = AlwaysSpeculate()
+        for b in batches:   # longer than the plain warm-up: adaptive engines explore plain steps first
+            run(spec, prompts[b], 24, f"warm{b}")
         for b in batches:
             before = _snapshot(spec.speculator.stats)
             tps, outs = median_run(spec, prompts[b], args.max_tokens, f"{method}{b}", args.repeats)
@@ -128,16 +137,31 @@ def main() -> None:
             print(f"{method:10s} batch {b:3d}: {tps:9.1f} tok/s  x{row['speedup']:.2f}  "
                   f"accept {row['acceptance_rate']:.2f}  mean len {row['mean_accepted_length']:.2f}  "
                   f"identical {row['outputs_identical']}", flush=True)
+        gates[method] = spec.speculator.gate.summary()
         spec.speculator.close()
     report = {"device": str(torch.device(args.device if args.device != "auto" else
                                          ("cuda" if torch.cuda.is_available() else "cpu"))),
               "torch_threads": torch.get_num_threads(), "target": args.target, "draft": args.draft,
               "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "k": args.k,
-              "adaptive": not args.no_adaptive, "repeats": args.repeats, "results": results}
+              "adaptive": not args.no_adaptive, "gate": not args.no_gate, "repeats": args.repeats, "results": results,
+              "gate_rates": gates}   # per proposer and batch bucket: tokens/s measured with and without speculation
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
+
+
+class AlwaysSpeculate:
+    """In place of SpecGate (--no-gate): every step below the batch cap speculates."""
+
+    def __call__(self, *args, **kwargs) -> bool:
+        return True
+
+    def reset(self) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {}
 
 
 def _snapshot(s) -> dict[str, int]:

@@ -160,8 +160,8 @@ class LLMEngine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self.speculator is not None:
-            self._speculate = self.speculator.active(self.scheduler.running, self.generation_tokens_total,
-                                                     self.runner.graphs is not None)
+            self._speculate = self.speculator.active(self.scheduler.running, self.scheduler.num_waiting,
+                                                     self.generation_tokens_total, self.runner.graphs is not None)
         if self._inflight is not None:   # overlapped decoding (below): launch the next step, read this one
             return self._step_ahead()
         if self.kv_tier is not None:   # [kv-tier] requests whose fetch ended (or timed out); idle: wait a bit

@@ -24,6 +24,7 @@ the slower mode now and then.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,58 +77,80 @@ class _Mode:
     preferred: bool | None = None   # the faster mode at the last comparison
     exploit: int = 0            # length of the stretches in the preferred mode
     rate: dict = field(default_factory=dict)   # mode -> tokens/s over its latest stretch
-    tokens: int = 0             # the current stretch's measured steps
-    seconds: float = 0.0
+    tokens: int = 0             # tokens appended by the current stretch's measured steps
+    times: list = field(default_factory=list)   # their durations (s)
+
+    def stretch_rate(self) -> float | None:
+        """Tokens per step over the median step time: a stall (collection, compilation) in a few steps
+        moves the median little, unlike the mean."""
+        if not self.times:
+            return None
+        return self.tokens / len(self.times) / statistics.median(self.times)
 
 
 class SpecGate:
     """Speculate or decode plainly, per batch-size bucket, by measured tokens per second.
 
-    Steps alternate in stretches: a new bucket runs WINDOW plain steps, then WINDOW speculative
-    ones, then the faster mode for `exploit` steps, then WINDOW steps of the other mode again, and so
-    on. Each time exploring confirms the preferred mode, its stretch doubles (up to EXPLOIT[1]), so
-    exploring costs less and less where one mode is clearly faster; a flip resets it. A stretch's rate
-    is the tokens appended over its steps but the first (a mode switch's first step is a transition:
-    the last overlapped tokens are read, or the pipeline refills), divided by their time."""
-    WINDOW = 6
+    Steps alternate in stretches: a new bucket runs WINDOW[False] plain steps, then WINDOW[True]
+    speculative ones, then the faster mode for `exploit` steps, then a window of the other mode again,
+    and so on. Each time exploring confirms the preferred mode its stretch doubles, or quadruples where
+    it is more than 25 % faster (up to EXPLOIT[1]), so exploring costs less and less where one mode is
+    clearly faster; a flip resets it.
+
+    A stretch's rate is its steps' mean tokens over their median time, leaving out what is not the
+    mode's steady state: the first SETTLE steps of a run of consecutive steps in one mode and bucket
+    (the first step after a switch reads the last overlapped tokens or refills the pipeline; the first
+    proposal catches the proposer up on the tokens it missed), steps with requests waiting (prefill
+    costs the same in either mode) and idle gaps."""
+    WINDOW = {False: 6, True: 8}   # plain steps vary little; a speculative step's tokens do
+    SETTLE = 2
     EXPLOIT = (32, 1024)
-    IDLE_S = 1.0     # a longer step is idle time (no requests), not measured
+    IDLE_S = 1.0
 
     def __init__(self):
         self._modes: dict[int, _Mode] = {}
-        self._prev: tuple[_Mode, bool, int, float, bool] | None = None   # mode, speculate, tokens, time, measured
+        self._prev: tuple[int, _Mode, bool, int, float] | None = None   # bucket, state, mode, tokens, time
+        self._run = 0   # the previous step's place in its run of consecutive steps (same bucket and mode)
 
-    def __call__(self, bucket: int, tokens: int, now: float) -> bool:
-        """Whether the step about to run, in `bucket`, speculates; `tokens` generated so far, at `now`."""
+    def __call__(self, bucket: int, tokens: int, now: float, waiting: bool = False) -> bool:
+        """Whether the step about to run, in `bucket`, speculates; `tokens` generated so far, at `now`;
+        `waiting`: requests wait to be admitted (this step prefills)."""
         if self._prev is not None:
-            m, spec, tok, t, measured = self._prev
-            if measured and 0 < now - t < self.IDLE_S:
+            b, m, _, tok, t = self._prev
+            if self._run > self.SETTLE and 0 < now - t < self.IDLE_S:
                 m.tokens += tokens - tok
-                m.seconds += now - t
+                m.times.append(now - t)
             m.left -= 1
             if m.left <= 0:
-                self._next_stretch(m)
+                self._next_stretch(b, m)
         m = self._modes.get(bucket)
         if m is None:
-            m = self._modes[bucket] = _Mode(left=self.WINDOW)
-        prev = self._prev
-        self._prev = (m, m.speculate, tokens, now, prev is not None and prev[0] is m and prev[1] == m.speculate)
+            m = self._modes[bucket] = _Mode(left=self.WINDOW[False])
+        same = self._prev is not None and self._prev[1] is m and self._prev[2] == m.speculate and not waiting
+        self._run = self._run + 1 if same else 0 if waiting else 1
+        self._prev = (bucket, m, m.speculate, tokens, now)
         return m.speculate
 
     def reset(self) -> None:
         """The next step follows one the gate did not decide (nothing to measure across it)."""
-        self._prev = None
+        self._prev, self._run = None, 0
 
-    def _next_stretch(self, m: _Mode) -> None:
-        if m.seconds > 0:
-            m.rate[m.speculate] = m.tokens / m.seconds
-        m.tokens, m.seconds = 0, 0.0
+    def _next_stretch(self, bucket: int, m: _Mode) -> None:
+        rate = m.stretch_rate()
+        if rate is not None:
+            m.rate[m.speculate] = rate
+            log.debug("spec gate: bucket %d %s: %d tokens in %d steps, median %.2f ms, max %.2f ms; rates %s",
+                      bucket, "speculative" if m.speculate else "plain", m.tokens, len(m.times),
+                      1e3 * statistics.median(m.times), 1e3 * max(m.times),
+                      {("spec" if k else "plain"): round(v) for k, v in m.rate.items()})
+        m.tokens, m.times = 0, []
         other = not m.speculate
         if other not in m.rate or not m.exploring:   # measure the other mode
-            m.speculate, m.left, m.exploring = other, self.WINDOW, True
+            m.speculate, m.left, m.exploring = other, self.WINDOW[other], True
             return
         best = m.rate[True] > m.rate[False]
-        m.exploit = min(2 * m.exploit, self.EXPLOIT[1]) if best == m.preferred else self.EXPLOIT[0]
+        grow = 4 if m.rate[best] > 1.25 * m.rate[not best] else 2
+        m.exploit = min(grow * m.exploit, self.EXPLOIT[1]) if best == m.preferred else self.EXPLOIT[0]
         m.preferred = best
         m.speculate, m.left, m.exploring = best, m.exploit, False
 
@@ -135,6 +158,12 @@ class SpecGate:
         """Whether speculating was measured faster for `bucket` (None: not both modes measured yet)."""
         m = self._modes.get(bucket)
         return None if m is None else m.preferred
+
+    def summary(self) -> dict[int, dict]:
+        """Per bucket: the latest measured tokens/s of each mode and the preferred one."""
+        return {b: {"spec_tokens_per_s": round(m.rate.get(True, 0.0), 1),
+                    "plain_tokens_per_s": round(m.rate.get(False, 0.0), 1), "speculate": m.preferred}
+                for b, m in sorted(self._modes.items())}
 
 
 @dataclass(slots=True)
@@ -173,6 +202,7 @@ class Speculator:
         self._bucket = 1   # the bucket of the step being proposed for
         self.gate = SpecGate()
         self._last_propose: float | None = None
+        self._catching_up = True
         self._last_draft_time = 0.0
 
     # ---- which method, how many guesses ---------------------------------------------------------
@@ -209,14 +239,15 @@ class Speculator:
         return best
 
     # ---- speculate this step? -----------------------------------------------------------------------
-    def active(self, running: list[Request], tokens_total: int, can_overlap: bool) -> bool:
+    def active(self, running: list[Request], num_waiting: int, tokens_total: int, can_overlap: bool) -> bool:
         """Whether the engine step about to run speculates (called once per step): not above the batch
         size cap, and, where plain steps overlap (`can_overlap`: GPU graphs) and k adapts, only in
         buckets where SpecGate measures speculating faster. `tokens_total`: tokens generated so far."""
+        n = min(len(running) + num_waiting, self.config.max_num_seqs)   # the batch this step makes
         cap = self.config.speculative_disable_batch_size
-        on = cap is None or len(running) <= cap
+        on = cap is None or n <= cap
         if on and self.config.speculative_adaptive and can_overlap:
-            on = self.gate(bucket_of(len(running)), tokens_total, time.perf_counter())
+            on = self.gate(bucket_of(n), tokens_total, time.perf_counter(), waiting=num_waiting > 0)
         else:
             self.gate.reset()
         if not on:
@@ -235,6 +266,9 @@ class Speculator:
     # ---- propose ---------------------------------------------------------------------------------
     def propose(self, running: list[Request]) -> None:
         now = time.monotonic()
+        # After steps without proposals the proposer first catches up on the tokens it missed: that
+        # call's time is not its cost per guess.
+        self._catching_up = self._last_propose is None
         if self._last_propose is not None:
             gap = now - self._last_propose - self._last_draft_time
             if 0 < gap < 2.0:   # longer gaps are idle time, not step time
@@ -276,9 +310,10 @@ class Speculator:
             self._last_draft_time += dt
             self.stats.num_draft_calls += 1
             self.stats.draft_time_s += dt
-        per_position = dt / max(k for _, k in batch)
-        prev = self._cost.get((method, self._bucket))
-        self._cost[method, self._bucket] = per_position if prev is None else 0.8 * prev + 0.2 * per_position
+        if not self._catching_up:
+            per_position = dt / max(k for _, k in batch)
+            prev = self._cost.get((method, self._bucket))
+            self._cost[method, self._bucket] = per_position if prev is None else 0.8 * prev + 0.2 * per_position
         assert len(proposals) == len(batch), f"proposer {method} answered {len(proposals)} of {len(batch)}"
         for (r, k), prop in zip(batch, proposals):
             if prop is None or not prop.token_ids:

@@ -258,16 +258,18 @@ def test_gate_prefers_the_faster_mode_and_explores_less_and_less():
     """SpecGate (where plain steps overlap): plain first, then speculation, then the faster one, with
     exploring stretches of WINDOW steps between ever longer stretches of the faster mode."""
     from services.engine.speculator import SpecGate  # noqa: PLC0415
-    w, (lo, hi) = SpecGate.WINDOW, SpecGate.EXPLOIT
+    (p, s), (lo, hi) = SpecGate.WINDOW.values(), SpecGate.EXPLOIT
     gate = SpecGate()
-    modes = drive_gate(gate, {True: 6, False: 10}, 2 * w + lo + w + 2 * lo + w)
-    assert modes == [False] * w + [True] * w + [False] * lo + [True] * w + [False] * 2 * lo + [True] * w
+    modes = drive_gate(gate, {True: 9, False: 10}, p + s + lo + s + 2 * lo + s)   # plain 11 % faster: x2
+    assert modes == [False] * p + [True] * s + [False] * lo + [True] * s + [False] * 2 * lo + [True] * s
     assert gate.preferred(8) is False and gate.preferred(1) is None
-    # Speculation gets faster (acceptance rose): the next exploring stretch flips the bucket to it.
-    modes = drive_gate(gate, {True: 30, False: 10}, 4 * lo + w + lo)
-    assert modes[-lo:] == [True] * lo and gate.preferred(8) is True
+    # Speculation gets much faster (acceptance rose): the next exploring stretch flips the bucket to it,
+    # and being 3x faster its stretches then grow four times.
+    modes = drive_gate(gate, {True: 30, False: 10}, 4 * lo + s + lo + p + 4 * lo + p)
+    assert modes[-(lo + p + 4 * lo + p):] == [True] * lo + [False] * p + [True] * 4 * lo + [False] * p
+    assert gate.preferred(8) is True
     # Buckets are independent; a mode never runs past EXPLOIT[1] steps without the other measured.
-    assert drive_gate(gate, {True: 30, False: 10}, 2 * w + 1, bucket=1)[-1] is True
+    assert drive_gate(gate, {True: 30, False: 10}, p + s + 1, bucket=1)[-1] is True
     long = drive_gate(gate, {True: 30, False: 10}, 20 * hi)
     assert max(len(run) for run in "".join("s" if m else "p" for m in long).split("p")) <= hi
 
