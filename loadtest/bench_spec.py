@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,14 +38,6 @@ def make_prompts(tokenizer, n: int, num_tokens: int) -> list[list[int]]:
         ids += tokenizer.encode(inspect.getsource(mod))
     step = max((len(ids) - num_tokens) // max(n, 1), 1)
     return [ids[i * step % (len(ids) - num_tokens):][:num_tokens] for i in range(n)]
-
-
-def median_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str,
-               repeats: int) -> tuple[float, list[list[int]]]:
-    """The median tokens/s of `repeats` runs (a batch-64 run of 64 tokens lasts ~0.1 s on a GPU:
-    one run is at the mercy of a stray pause), and the first run's outputs."""
-    runs = [run(engine, prompts, max_tokens, f"{tag}r{i}") for i in range(repeats)]
-    return sorted(r[0] for r in runs)[repeats // 2], runs[0][1]
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
@@ -78,7 +71,7 @@ def main() -> None:
     ap.add_argument("--no-adaptive", action="store_true", help="fixed k, no batch-size cap")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU), float32, ...")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per configuration (median reported)")
     ap.add_argument("--out", default=None, help="JSON file to write")
     ap.add_argument("--trace-gate", action="store_true", help="log each SpecGate stretch (speculate or not)")
     ap.add_argument("--no-gate", action="store_true",
@@ -98,47 +91,48 @@ def main() -> None:
     blocks = 2 * max(batches) * -(-(args.prompt_tokens + args.max_tokens + args.k + 16) // 16)
     common = dict(model=args.target, device=args.device, num_kv_blocks=blocks, max_num_seqs=max(batches),
                   kv_cache_memory_gb=1.0, dtype=args.dtype)
-    plain = LLMEngine(EngineConfig(**common))
-    prompts = {b: make_prompts(plain.tokenizer, b, args.prompt_tokens) for b in batches}
-    for b in batches:   # warm-up at every batch size (kernels compile on first use)
-        run(plain, prompts[b], 8, f"warm{b}")
-    base = {}
-    for b in batches:
-        base[b] = median_run(plain, prompts[b], args.max_tokens, f"plain{b}", args.repeats)
-        print(f"plain      batch {b:3d}: {base[b][0]:9.1f} tok/s", flush=True)
-    del plain
-    results, gates = [], {}
+    engines = {"plain": LLMEngine(EngineConfig(**common))}
     for method in methods:
-        handle = None
-        if method == "remote":
-            handle = start_draft_server(args)
+        handle = start_draft_server(args) if method == "remote" else None
         extra = {"timeout_s": 5.0} if method == "remote" else \
             {"num_kv_blocks": blocks, "dtype": args.dtype} if method == "draft" else {}
         proposer = build_proposer(method, draft_model=args.draft, device=args.device, draft_handle=handle, **extra)
-        spec = LLMEngine(EngineConfig(**common, speculative_method=method, num_speculative_tokens=args.k,
-                                      speculative_adaptive=not args.no_adaptive,
-                                      speculative_disable_batch_size=None if args.no_adaptive else 32),
-                         {method: proposer})
+        engines[method] = LLMEngine(EngineConfig(**common, speculative_method=method, num_speculative_tokens=args.k,
+                                                 speculative_adaptive=not args.no_adaptive,
+                                                 speculative_disable_batch_size=None if args.no_adaptive else 32),
+                                    {method: proposer})
         if args.no_gate:
-            spec.speculator.gate = AlwaysSpeculate()
-        for b in batches:   # longer than the plain warm-up: adaptive engines explore plain steps first
-            run(spec, prompts[b], 24, f"warm{b}")
+            engines[method].speculator.gate = AlwaysSpeculate()
+    prompts = {b: make_prompts(engines["plain"].tokenizer, b, args.prompt_tokens) for b in batches}
+    for name, engine in engines.items():   # kernels compile on first use; adaptive engines explore plain steps first
         for b in batches:
-            before = _snapshot(spec.speculator.stats)
-            tps, outs = median_run(spec, prompts[b], args.max_tokens, f"{method}{b}", args.repeats)
-            d = {k: v - before[k] for k, v in _snapshot(spec.speculator.stats).items()}
-            row = {"proposer": method, "batch": b, "tokens_per_s": round(tps, 1),
-                   "baseline_tokens_per_s": round(base[b][0], 1), "speedup": round(tps / base[b][0], 3),
+            run(engine, prompts[b], 8 if name == "plain" else 24, f"warm{b}")
+    results = []
+    for b in batches:
+        before = {m: _snapshot(engines[m].speculator.stats) for m in methods}
+        # Runs interleaved, engine after engine, the median of `repeats` each: a batch-64 run of 64 tokens
+        # lasts ~0.1 s on a GPU, and the lent machines' speed drifts; drift then hits every engine alike.
+        runs: dict[str, list] = {name: [] for name in engines}
+        for i in range(args.repeats):
+            for name, engine in engines.items():
+                runs[name].append(run(engine, prompts[b], args.max_tokens, f"{name}{b}r{i}"))
+        tps = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
+        print(f"plain      batch {b:3d}: {tps['plain']:9.1f} tok/s", flush=True)
+        for method in methods:
+            d = {k: v - before[method][k] for k, v in _snapshot(engines[method].speculator.stats).items()}
+            row = {"proposer": method, "batch": b, "tokens_per_s": round(tps[method], 1),
+                   "baseline_tokens_per_s": round(tps["plain"], 1), "speedup": round(tps[method] / tps["plain"], 3),
                    "acceptance_rate": round(d["acc"] / d["prop"], 3) if d["prop"] else 0.0,
                    "mean_accepted_length": round(d["acc"] / d["steps"], 3) if d["steps"] else 0.0,
                    "proposed_tokens": d["prop"], "fallbacks": d["fb"], "skipped_steps": d["skip"],
-                   "outputs_identical": outs == base[b][1]}
+                   "outputs_identical": runs[method][0][1] == runs["plain"][0][1]}
             results.append(row)
-            print(f"{method:10s} batch {b:3d}: {tps:9.1f} tok/s  x{row['speedup']:.2f}  "
+            print(f"{method:10s} batch {b:3d}: {tps[method]:9.1f} tok/s  x{row['speedup']:.2f}  "
                   f"accept {row['acceptance_rate']:.2f}  mean len {row['mean_accepted_length']:.2f}  "
                   f"identical {row['outputs_identical']}", flush=True)
-        gates[method] = spec.speculator.gate.summary()
-        spec.speculator.close()
+    gates = {m: engines[m].speculator.gate.summary() for m in methods}
+    for m in methods:
+        engines[m].speculator.close()
     report = {"device": str(torch.device(args.device if args.device != "auto" else
                                          ("cuda" if torch.cuda.is_available() else "cpu"))),
               "torch_threads": torch.get_num_threads(), "target": args.target, "draft": args.draft,
