@@ -72,7 +72,7 @@ def bucket_of(num_running: int) -> int:
 class _Mode:
     """One bucket's state in SpecGate."""
     speculate: bool = False     # the mode of the current stretch (a new bucket measures plain first)
-    left: int = 0               # steps left in the stretch
+    left: int = 0               # measured steps left in the stretch
     exploring: bool = True      # the stretch measures the mode not preferred (or not measured yet)
     preferred: bool | None = None   # the faster mode at the last comparison
     exploit: int = 0            # length of the stretches in the preferred mode
@@ -91,7 +91,7 @@ class _Mode:
 class SpecGate:
     """Speculate or decode plainly, per batch-size bucket, by measured tokens per second.
 
-    Steps alternate in stretches: a new bucket runs WINDOW[False] plain steps, then WINDOW[True]
+    Steps alternate in stretches: a new bucket runs WINDOW[False] measured plain steps, then WINDOW[True]
     speculative ones, then the faster mode for `exploit` steps, then a window of the other mode again,
     and so on. Each time exploring confirms the preferred mode its stretch doubles, or quadruples where
     it is more than 25 % faster (up to EXPLOIT[1]), so exploring costs less and less where one mode is
@@ -101,8 +101,9 @@ class SpecGate:
     mode's steady state: the first SETTLE steps of a run of consecutive steps in one mode and bucket
     (the first step after a switch reads the last overlapped tokens or refills the pipeline; the first
     proposal catches the proposer up on the tokens it missed), steps with requests waiting (prefill
-    costs the same in either mode) and idle gaps."""
-    WINDOW = {False: 6, True: 8}   # plain steps vary little; a speculative step's tokens do
+    costs the same in either mode) and idle gaps. Stretches count measured steps only: a bucket
+    visited for a step or two at a time (a batch's tail) keeps its mode until it has been measured."""
+    WINDOW = {False: 4, True: 6}   # plain steps vary little; a speculative step's tokens do
     SETTLE = 2
     EXPLOIT = (32, 1024)
     IDLE_S = 1.0
@@ -120,9 +121,9 @@ class SpecGate:
             if self._run > self.SETTLE and 0 < now - t < self.IDLE_S:
                 m.tokens += tokens - tok
                 m.times.append(now - t)
-            m.left -= 1
-            if m.left <= 0:
-                self._next_stretch(b, m)
+                m.left -= 1
+                if m.left <= 0:
+                    self._next_stretch(b, m)
         m = self._modes.get(bucket)
         if m is None:
             m = self._modes[bucket] = _Mode(left=self.WINDOW[False])

@@ -243,35 +243,42 @@ def test_costs_are_measured_per_batch_size(tiny_model_dir, plain):
     assert stats.num_accepted_tokens == stats.num_proposed_tokens
 
 
-def drive_gate(gate, rates: dict[bool, float], steps: int, bucket: int = 8) -> list[bool]:
-    """Runs `gate` for `steps` steps where a speculative / plain step delivers rates[mode] tokens in
-    1 ms; returns the mode of each step."""
-    modes, tokens, now = [], 0, 100.0
-    for _ in range(steps):
-        spec = gate(bucket, tokens, now)
-        modes.append(spec)
-        tokens, now = tokens + round(rates[spec]), now + 1e-3
-    return modes
+def drive_gate(gate, phases: list[tuple[dict[bool, float], int]], bucket: int = 8) -> list[list[bool]]:
+    """Runs `gate` through phases of (rates, steps), where a speculative / plain step delivers
+    rates[mode] tokens in 1 ms; returns each phase's modes, step by step."""
+    out, tokens, now = [], 0, 100.0
+    for rates, steps in phases:
+        modes = []
+        for _ in range(steps):
+            spec = gate(bucket, tokens, now)
+            modes.append(spec)
+            tokens, now = tokens + round(rates[spec]), now + 1e-3
+        out.append(modes)
+    return out
 
 
 def test_gate_prefers_the_faster_mode_and_explores_less_and_less():
     """SpecGate (where plain steps overlap): plain first, then speculation, then the faster one, with
     exploring stretches of WINDOW steps between ever longer stretches of the faster mode."""
     from services.engine.speculator import SpecGate  # noqa: PLC0415
-    (p, s), (lo, hi) = SpecGate.WINDOW.values(), SpecGate.EXPLOIT
+    # Every stretch after a switch also runs SETTLE steps that are not measured (the transition).
+    st = SpecGate.SETTLE
+    (p, s), (lo, hi) = (w + st for w in SpecGate.WINDOW.values()), SpecGate.EXPLOIT
     gate = SpecGate()
-    modes = drive_gate(gate, {True: 9, False: 10}, p + s + lo + s + 2 * lo + s)   # plain 11 % faster: x2
-    assert modes == [False] * p + [True] * s + [False] * lo + [True] * s + [False] * 2 * lo + [True] * s
-    assert gate.preferred(8) is False and gate.preferred(1) is None
-    # Speculation gets much faster (acceptance rose): the next exploring stretch flips the bucket to it,
-    # and being 3x faster its stretches then grow four times.
-    modes = drive_gate(gate, {True: 30, False: 10}, 4 * lo + s + lo + p + 4 * lo + p)
-    assert modes[-(lo + p + 4 * lo + p):] == [True] * lo + [False] * p + [True] * 4 * lo + [False] * p
-    assert gate.preferred(8) is True
+    # Plain 11 % faster: it is preferred, and its stretches double. Then speculation gets 3x faster
+    # (acceptance rose): the next exploring stretch flips the bucket to it, and its stretches grow 4x.
+    first = [False] * p + [True] * s + [False] * (lo + st) + [True] * s + [False] * (2 * lo + st)
+    second = [True] * s + [True] * lo + [False] * p + [True] * (4 * lo + st) + [False] * p
+    slower, faster = drive_gate(gate, [({True: 9, False: 10}, len(first)), ({True: 30, False: 10}, len(second))])
+    assert slower == first and faster == second
+    assert gate.preferred(8) is True and gate.preferred(1) is None
     # Buckets are independent; a mode never runs past EXPLOIT[1] steps without the other measured.
-    assert drive_gate(gate, {True: 30, False: 10}, p + s + 1, bucket=1)[-1] is True
-    long = drive_gate(gate, {True: 30, False: 10}, 20 * hi)
-    assert max(len(run) for run in "".join("s" if m else "p" for m in long).split("p")) <= hi
+    assert drive_gate(gate, [({True: 30, False: 10}, p + s + 1)], bucket=1)[0][-1] is True
+    long = drive_gate(gate, [({True: 30, False: 10}, 20 * hi)])[0]
+    assert max(len(run) for run in "".join("s" if m else "p" for m in long).split("p")) <= hi + st
+    # Steps with requests waiting (prefill) are not measured: they move no stretch along.
+    prefilling = SpecGate()
+    assert not any(prefilling(4, 10 * i, 1e-3 * i, waiting=True) for i in range(4 * p))
 
 
 def test_per_request_override_and_batch_cap(tiny_model_dir, spec_llms):
