@@ -76,7 +76,8 @@ def test_adaptive_speculation_compares_with_overlapped_plain_steps(tiny_model_di
         llm = LLM(tiny_model_dir, proposers={"draft": Oracle(full, lambda n, d=delay: d)}, speculative_method="draft",
                   **COMMON)
         ahead = overlapped_steps(llm.engine)
-        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[:1], params)] == want
+        for _ in range(2):   # the second pass re-explores: a first decision taken amid compilation is revisited
+            assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[:1], params)] == want
         gate = llm.engine.speculator.gate
         assert gate.preferred(1) is faster, gate._modes[1].rate
         assert ahead   # the plain stretches overlap
