@@ -43,7 +43,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.config = EngineConfig(model=args.model, tokenizer=args.tokenizer or None,
+        tokenizer = args.tokenizer or (TINY_MODEL if args.load_format == "dummy" else None)
+        self.config = EngineConfig(model=args.model, tokenizer=tokenizer,
                                    load_format=args.load_format, device=args.device,
                                    block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                                    max_num_batched_tokens=max(2048, args.prefix_tokens + 64))
