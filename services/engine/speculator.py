@@ -248,7 +248,9 @@ class Speculator:
         cap = self.config.speculative_disable_batch_size
         on = cap is None or n <= cap
         if on and self.config.speculative_adaptive and can_overlap:
-            on = self.gate(bucket_of(n), tokens_total, time.perf_counter(), waiting=num_waiting > 0)
+            # Steps that admit requests (or have none running: idle, or waiting on the KV tier) are not
+            # a decoding steady state: the gate does not measure them.
+            on = self.gate(bucket_of(n), tokens_total, time.perf_counter(), waiting=num_waiting > 0 or not running)
         else:
             self.gate.reset()
         if not on:
