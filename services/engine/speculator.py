@@ -12,7 +12,7 @@ Adaptivity, per sequence: an acceptance-rate estimate alpha (decayed counts) and
 position over the engine's step time) give the k in
 [0, K] with the most tokens per unit of time (spec_decode.best_num_tokens). k = 0 turns speculation
 off for that sequence; every PROBE_EVERY steps it tries k = 1 again, so it comes back on when
-acceptance recovers. Above `speculative_disable_batch_size` running sequences, nobody speculates:
+acceptance recovers. Above `speculative_disable_batch_size` sequences in a step, nobody speculates:
 verifying k extra tokens per sequence stops being free once the batch is compute-bound.
 
 That model compares a step with guesses against the same engine's step without them. On a GPU the
@@ -115,7 +115,7 @@ class SpecGate:
 
     def __call__(self, bucket: int, tokens: int, now: float, waiting: bool = False) -> bool:
         """Whether the step about to run, in `bucket`, speculates; `tokens` generated so far, at `now`;
-        `waiting`: requests wait to be admitted (this step prefills)."""
+        `waiting`: the step is not decoding's steady state (it admits requests, or nothing runs yet)."""
         if self._prev is not None:
             b, m, _, tok, t = self._prev
             if self._run > self.SETTLE and 0 < now - t < self.IDLE_S:
