@@ -53,6 +53,7 @@ class SpecStats:
     draft_time_s: float = 0.0
     num_fallbacks: int = 0           # proposer calls that failed or timed out (plain decoding instead)
     num_skipped_steps: int = 0       # steps without speculation: batch above the cap, or plain measured faster
+    gate_rates: dict = field(default_factory=dict)   # SpecGate's bucket -> {speculating: tokens/s}
 
     @property
     def acceptance_rate(self) -> float:
@@ -108,7 +109,8 @@ class SpecGate:
     EXPLOIT = (32, 1024)
     IDLE_S = 1.0
 
-    def __init__(self):
+    def __init__(self, rates: dict | None = None):
+        self.rates = {} if rates is None else rates   # bucket -> {speculating: tokens/s}, shared with SpecStats
         self._modes: dict[int, _Mode] = {}
         self._prev: tuple[int, _Mode, bool, int, float] | None = None   # bucket, state, mode, tokens, time
         self._run = 0   # the previous step's place in its run of consecutive steps (same bucket and mode)
@@ -126,7 +128,7 @@ class SpecGate:
                     self._next_stretch(b, m)
         m = self._modes.get(bucket)
         if m is None:
-            m = self._modes[bucket] = _Mode(left=self.WINDOW[False])
+            m = self._modes[bucket] = _Mode(left=self.WINDOW[False], rate=self.rates.setdefault(bucket, {}))
         same = self._prev is not None and self._prev[1] is m and self._prev[2] == m.speculate and not waiting
         self._run = self._run + 1 if same else 0 if waiting else 1
         self._prev = (bucket, m, m.speculate, tokens, now)
@@ -201,7 +203,7 @@ class Speculator:
         self._cost: dict[tuple[str, int], float] = {}
         self._step_time: dict[int, float] = {}
         self._bucket = 1   # the bucket of the step being proposed for
-        self.gate = SpecGate()
+        self.gate = SpecGate(self.stats.gate_rates)
         self._last_propose: float | None = None
         self._catching_up = True
         self._last_draft_time = 0.0

@@ -227,6 +227,14 @@ class SpecStatsCollector:
                      "Steps without speculation: the batch was above the size cap, or plain (overlapped) "
                      "steps were measured faster at this batch size.",
                      s.num_skipped_steps)
+        gate = GaugeMetricFamily("inference_spec_gate_tokens_per_second",
+                                 "Decode tokens/s last measured per batch-size bucket with and without "
+                                 "speculation (where plain steps overlap, the faster mode runs).",
+                                 labels=[*names, "bucket", "mode"])
+        for bucket, rates in sorted(s.gate_rates.items()):
+            for speculating, rate in rates.items():
+                gate.add_metric([*self._labels, str(bucket), "speculative" if speculating else "plain"], rate)
+        yield gate
 
 
 def register_spec(stats_fn: Callable[[], Any], model: str, replica: str) -> SpecStatsCollector:

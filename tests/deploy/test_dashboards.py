@@ -68,12 +68,17 @@ def defined_metrics() -> set[str]:
         pytest.skip("services/telemetry/metrics.py does not exist yet (the serving engineer writes it)")
     out: set[str] = set()
     for node in ast.walk(ast.parse(METRICS_PY.read_text())):
-        if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
-            continue
-        name = node.args[0].value
-        if not (isinstance(name, str) and name.startswith("inference_")):
+        if not (isinstance(node, ast.Call) and node.args):
             continue
         func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        args = node.args
+        if len(args) > 1 and isinstance(args[0], ast.Name) and isinstance(args[1], ast.Constant):
+            func, args = args[0].id, args[1:]     # a helper called with the family class first
+        if not isinstance(args[0], ast.Constant):
+            continue
+        name = args[0].value
+        if not (isinstance(name, str) and name.startswith("inference_")):
+            continue
         kind = func.lower()
         if "counter" in kind:
             base = name.removesuffix("_total")
@@ -128,6 +133,16 @@ def test_service_dashboard_covers_the_issue():
             "inference_kv_tier_fetch_seconds_bucket", "inference_grammar_compile_seconds_bucket",
             "inference_grammar_cache_lookups_total", "ray_serve_deployment_replica_healthy"}
     assert must - used == set()
+
+
+def test_service_dashboard_shows_speculation():
+    """Acceptance, accepted length, draft latency, fallbacks and what the speculation gate measured."""
+    d = json.loads((CHART / "dashboards" / "inference-service.json").read_text())
+    used = set().union(*(promql_metrics(e) for e in dashboard_queries(d)))
+    assert {"inference_spec_accepted_tokens_total", "inference_spec_proposed_tokens_total",
+            "inference_spec_verify_steps_total", "inference_spec_draft_latency_seconds_sum",
+            "inference_spec_fallbacks_total", "inference_spec_skipped_steps_total",
+            "inference_spec_gate_tokens_per_second"} <= used
 
 
 def test_gpu_dashboard_reads_dcgm():

@@ -316,3 +316,14 @@ def test_spec_metrics_exported(spec_llms):
     assert f'inference_spec_draft_latency_seconds_count{{model="tiny",replica="r0"}} {float(s.num_draft_calls)}' in text
     for name in ("proposed_tokens_total", "acceptance_rate", "mean_accepted_length", "fallbacks_total"):
         assert f"inference_spec_{name}{{" in text
+    # What SpecGate measured (on a GPU; driven by hand here): tokens/s per bucket and mode.
+    from services.engine.speculator import SpecGate, SpecStats  # noqa: PLC0415
+    stats = SpecStats()
+    drive_gate(SpecGate(stats.gate_rates), [({True: 9, False: 10}, 40)])
+    registry = CollectorRegistry()
+    registry.register(SpecStatsCollector(lambda: stats, "tiny", "r0"))
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+    gate = next(f for f in text_string_to_metric_families(generate_latest(registry).decode())
+                if f.name == "inference_spec_gate_tokens_per_second")
+    assert {(x.labels["bucket"], x.labels["mode"]): round(x.value) for x in gate.samples} == \
+        {("8", "plain"): 10_000, ("8", "speculative"): 9_000}
