@@ -48,6 +48,8 @@ class DraftModel:
         # The first pass of a call feeds the tokens the target accepted since the last one (at most
         # k + 1): on a GPU, steps of up to `catch_up_graph_len` tokens per sequence replay CUDA graphs.
         self.runner = ModelRunner(self.config, self.hf_config, spec_query_len=catch_up_graph_len)
+        # Greedy passes after the first: chained in one CUDA graph (up to catch_up_graph_len - 2 of them).
+        self.chain = self._capture_chain(catch_up_graph_len - 2)
         self.kv = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
@@ -98,6 +100,18 @@ class DraftModel:
         return len(self.seqs)
 
     # ---- internals -----------------------------------------------------------------------------
+    def _capture_chain(self, max_passes: int):
+        r, c = self.runner, self.config
+        if r.graphs is None or max_passes < 1:
+            return None
+        from services.engine.cuda_graphs import ChainGraphs  # noqa: PLC0415
+        chain = ChainGraphs(r.model, r.kv_caches, r.backend, r.block_size,
+                            min(c.max_num_seqs, c.speculative_disable_batch_size or c.max_num_seqs),
+                            c.max_model_len or self.hf_config.max_position_embeddings, r.device, max_passes,
+                            pool=r.graphs.pool)
+        chain.capture()
+        return chain
+
     def _schedule_pass(self, active: list, step: int, protected: set[str], done: set[int]) -> tuple[list, list]:
         """The sequences that still want a guess at pass `step` and have KV room for it (the others
         are `done`: they answer with what they have). Each feeds what it has not computed: its new
@@ -141,10 +155,49 @@ class DraftModel:
                 and all(c.temperature <= 0 and seq.req.num_tokens + k <= graphs.max_context
                         for _, c, seq, k in active))
 
+    def _greedy_chained(self, active: list, guesses: dict[int, list[int]], protected: set[str],
+                        done: set[int]) -> bool:
+        """The first pass, then the others in one replay of the chain graphs (ChainGraphs): one wait at
+        the end. False (nothing done) where the chain does not fit; the caller then runs pass by pass."""
+        most = max(k for *_, k in active) - 1
+        if not self.chain.fits(len(active), most, max(seq.req.num_tokens for _, _, seq, _ in active)):
+            return False
+        scheduled, kept = self._schedule_pass(active, 0, protected, done)
+        if not scheduled:
+            return True
+        logits, rows = self.runner.execute(scheduled)
+        first = logits[[r[0] for r in rows]].argmax(-1)
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        chained = []   # (column in `kept`, passes): those with KV room for their chained passes
+        for col, (i, _, seq, k) in enumerate(kept):
+            if k > 1 and self._allocate(seq, k - 1, protected):
+                chained.append((col, k - 1))
+            elif k > 1:
+                done.add(i)   # no room: it answers with its first guess
+        rows_out = [first.tolist()]
+        if chained:
+            cols = [col for col, _ in chained]
+            step = [ScheduledRequest(kept[col][2].req, 1, self.kv.block_ids(kept[col][2].req.request_id))
+                    for col in cols]
+            ids = first[on_device(cols, torch.long, first.device)] if len(cols) != len(kept) else first
+            rows_out += self.chain.run_chain(step, ids, [p for _, p in chained]).tolist()
+        where = {col: (j, p) for j, (col, p) in enumerate(chained)}   # column in the chain's output, passes
+        for col, (i, _, seq, _) in enumerate(kept):
+            j, p = where.get(col, (0, 0))
+            for t in [rows_out[0][col]] + [rows_out[1 + r][j] for r in range(p)]:
+                seq.req.append_token(t)
+                guesses[i].append(t)
+            seq.req.num_computed_tokens += p
+        return True
+
     def _greedy_on_device(self, active: list, guesses: dict[int, list[int]], protected: set[str],
                           done: set[int]) -> None:
         """Each pass after the first takes the previous pass's argmax as its input ids straight from
-        the device (the engine's overlapped decoding, within one call): k passes, one wait at the end."""
+        the device (the engine's overlapped decoding, within one call): k passes, one wait at the end.
+        With chain graphs, the passes after the first are one replay."""
+        if self.chain is not None and self._greedy_chained(active, guesses, protected, done):
+            return
         passes: list[tuple[list[tuple[int, _Seq]], torch.Tensor]] = []   # (who, their tokens on the device)
         prev: list[int] = []
         for step in range(max(k for *_, k in active)):

@@ -80,16 +80,21 @@ class DecodeGraphs:
                                  max_seq_len=self.max_context)
 
     # ---- capture ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def capture(self) -> None:
+    def _rest(self) -> None:
+        """Inputs safe to capture over: every row a full query that writes nothing (slot -1)."""
         m, q = self.max_batch, self.q
         self.n64[:] = 0
-        self.n64[2 * m * q:3 * m * q] = -1                      # slots: write nothing while capturing
+        self.n64[2 * m * q:3 * m * q] = -1
         self.n32[:] = 0
         self.n32[:m + 1] = np.arange(m + 1) * q
         self.n32[m + 1:2 * m + 1] = q
         self.i64.copy_(self.h64)
         self.i32.copy_(self.h32)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        q = self.q
+        self._rest()
         for bs in reversed(self.buckets):                      # largest first: smaller ones reuse its pool
             ids, pos, _ = self._v64(self.i64, bs * q)
             meta = self._meta(bs)
@@ -132,12 +137,15 @@ class DecodeGraphs:
                 tables[i, k:len(blocks)] = blocks[k:]
                 rows[i] = (blocks, len(blocks))
 
-    def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _copy_inputs(self, bs: int, input_ids: torch.Tensor | None) -> None:
         self.i64.copy_(self.h64, non_blocking=True)
         end32 = 2 * self.max_batch + 1 + bs * self.width
         self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
         if input_ids is not None:                              # after the host copy, on the same stream
             self.i64[:input_ids.shape[0]].copy_(input_ids)
+
+    def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self._copy_inputs(bs, input_ids)
         self.copied = torch.cuda.Event()
         self.copied.record()
         self.graphs[bs].replay()
@@ -147,6 +155,12 @@ class DecodeGraphs:
             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
         if self.q > 1:
             return self._run_multi(scheduled, compute_logits)
+        n, bs = self._pack(scheduled, input_ids)
+        hidden = self._launch(bs, input_ids)
+        return compute_logits(hidden[:n]), [[i] for i in range(n)]
+
+    def _pack(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor | None) -> tuple[int, int]:
+        """Fills the pinned buffers for a one-token-per-sequence step: (sequences, bucket)."""
         n = len(scheduled)
         bs = next(b for b in self.buckets if b >= n)
         if self.copied is not None:
@@ -168,8 +182,7 @@ class DecodeGraphs:
         qsl[n + 1:] = n                                        # padded rows: query length 0
         seq_lens[:n] = pos[:n] + 1
         seq_lens[n:] = 0
-        hidden = self._launch(bs, input_ids)
-        return compute_logits(hidden[:n]), [[i] for i in range(n)]
+        return n, bs
 
     def _run_multi(self, scheduled: list[ScheduledRequest], compute_logits) -> tuple[torch.Tensor, list[list[int]]]:
         n = len(scheduled)
@@ -207,3 +220,81 @@ class DecodeGraphs:
         hidden = self._launch(bs)
         idx = self.i64[3 * t:3 * t + rows_out]
         return compute_logits(hidden.index_select(0, idx)), out_rows
+
+
+class ChainGraphs(DecodeGraphs):
+    """A greedy draft model's passes after the first, chained in one graph: each pass feeds every
+    sequence the previous pass's argmax, on the device (positions, context lengths and KV slots move
+    on with it), so a call of k guesses costs one replay instead of k - 1 launches of a decode graph
+    with the host's work between them. Captured per batch bucket and number of passes (1..max_passes);
+    a sequence that wants fewer passes than its batch keeps running along with its KV writes turned off
+    (slot -1) and its extra tokens ignored."""
+
+    def __init__(self, model, kv_caches: list, backend, block_size: int, max_batch: int, max_model_len: int,
+                 device: torch.device, max_passes: int, pool=None):
+        super().__init__(model, kv_caches, backend, block_size, max_batch, max_model_len, device, pool=pool)
+        self.max_passes = max_passes
+        m = self.max_batch
+        self.passes = torch.zeros(m, dtype=torch.long, device=device)        # per row: passes that write KV
+        self.h_passes = torch.zeros(m, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.row_ids = torch.arange(m, device=device)
+        self.tokens: dict[tuple[int, int], torch.Tensor] = {}             # (bucket, passes) -> [passes, bucket]
+        self.chains: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def _chain(self, bs: int, n: int) -> torch.Tensor:
+        """n greedy decode passes over the static buffers: [n, bs] tokens."""
+        ids, pos, slots = self._v64(self.i64, bs)
+        _, seq_lens, tables = self._v32(self.i32, bs)
+        meta, page, rows = self._meta(bs), self.block_size, self.row_ids[:bs]
+        out = []
+        for j in range(n):
+            hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
+            out.append(self.model.compute_logits(hidden).argmax(-1))
+            if j + 1 < n:
+                ids.copy_(out[-1])
+                pos.add_(1)
+                seq_lens.add_(1)
+                slot = tables[rows, pos // page].long() * page + pos % page
+                slots.copy_(torch.where(self.passes[:bs] > j + 1, slot, -1))
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for bs in reversed(self.buckets):
+            for n in range(1, self.max_passes + 1):
+                self._rest()               # passes move positions on: each capture starts from rest
+                self._chain(bs, n)         # warm-up: compiles the kernels
+                torch.cuda.synchronize()
+                self._rest()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.tokens[bs, n] = self._chain(bs, n)
+                self.pool = graph.pool()
+                self.chains[bs, n] = graph
+        self._rest()
+        torch.cuda.synchronize()
+
+    def fits(self, num_seqs: int, passes: int, longest: int) -> bool:
+        """Whether `num_seqs` sequences, the longest `longest` tokens, can run `passes` chained passes."""
+        return bool(self.chains) and 0 < passes <= self.max_passes and num_seqs <= self.max_batch \
+            and longest + passes <= self.max_context
+
+    def run_chain(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor, passes: list[int]) -> torch.Tensor:
+        """`input_ids` (device, one per sequence) at the sequences' next positions; passes[i] <= the most:
+        the tokens of every pass, [max(passes), len(scheduled)] on the device."""
+        n, bs = self._pack(scheduled, input_ids)
+        _, _, slots = self._v64(self.n64, bs)
+        for i, p in enumerate(passes):
+            if p == 0:
+                slots[i] = -1
+        self.h_passes[:n] = torch.tensor(passes)
+        self.h_passes[n:bs] = 0
+        return self._launch_chain(bs, max(passes), input_ids)[:, :n]
+
+    def _launch_chain(self, bs: int, passes: int, input_ids: torch.Tensor) -> torch.Tensor:
+        self.passes[:bs].copy_(self.h_passes[:bs], non_blocking=True)
+        self._copy_inputs(bs, input_ids)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        self.chains[bs, passes].replay()
+        return self.tokens[bs, passes]

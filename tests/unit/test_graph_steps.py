@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.draft import build_proposer
-from services.engine.cuda_graphs import DecodeGraphs
+from services.engine.cuda_graphs import ChainGraphs, DecodeGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
@@ -44,6 +44,22 @@ class ReplayByRerun(DecodeGraphs):
         self.replays += 1
         ids, pos, _ = self._v64(self.i64, bs * self.q)
         return self.model(ids, pos, self.kv_caches, self._meta(bs), self.backend)
+
+
+class ChainByRerun(ChainGraphs):
+    """Chain graphs whose replay runs the chained passes again on the static buffers."""
+
+    def capture(self) -> None:
+        self.chains = {(bs, n): None for bs in self.buckets for n in range(1, self.max_passes + 1)}
+        self.replays = 0
+
+    def _launch_chain(self, bs: int, passes: int, input_ids: torch.Tensor) -> torch.Tensor:
+        self.passes.copy_(self.h_passes)
+        self.i64.copy_(self.h64)
+        self.i32.copy_(self.h32)
+        self.i64[:input_ids.shape[0]].copy_(input_ids)
+        self.replays += 1
+        return self._chain(bs, passes)
 
 
 def with_graphs(llm: LLM, spec_query_len: int | None) -> LLM:
@@ -118,10 +134,11 @@ def test_speculative_steps_on_graph_buffers(tiny_model_dir, plain):
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
-def test_greedy_draft_passes_on_device_tokens(tiny_draft_dir):
+@pytest.mark.parametrize("chained", [False, True], ids=["pass-by-pass", "chained"])
+def test_greedy_draft_passes_on_device_tokens(tiny_draft_dir, chained):
     """The draft model's greedy passes after the first take their input ids from the device (no
-    read between passes): its guesses equal the eager draft's, over calls that roll back, append
-    and ask for different k per sequence."""
+    read between passes; `chained`: all in one replay of the chain graphs): its guesses equal the
+    eager draft's, over calls that roll back, append and ask for different k per sequence."""
     from services.draft.draft_model import DraftModel
     from services.draft.protocol import DraftCall
     from services.engine.layers.gpu_attention import TritonAttention
@@ -134,6 +151,9 @@ def test_greedy_draft_passes_on_device_tokens(tiny_draft_dir):
     r.graphs, r.spec_graphs = ReplayByRerun(*args), ReplayByRerun(*args, tokens_per_seq=5)
     r.graphs.capture()
     r.spec_graphs.capture()
+    fast.chain = ChainByRerun(*args, max_passes=3) if chained else None
+    if chained:
+        fast.chain.capture()
     on_device, greedy_on_device = [0], fast._greedy_on_device
 
     def counted(*a):
@@ -154,4 +174,6 @@ def test_greedy_draft_passes_on_device_tokens(tiny_draft_dir):
             new = w.token_ids[:j % 3] + [100 + round_]
             nxt.append(DraftCall(c.seq_id, sent[j], new, 2 + (j + round_) % 3, 0.0))
         calls = nxt
-    assert on_device[0] == 4 and r.graphs.replays > 0 and r.spec_graphs.replays > 0
+    assert on_device[0] == 4 and r.spec_graphs.replays > 0
+    assert fast.chain.replays == 4 if chained else r.graphs.replays > 0
+    fast.kv.check_invariants()
