@@ -175,17 +175,18 @@ class DraftModel:
                 chained.append((col, k - 1))
             elif k > 1:
                 done.add(i)   # no room: it answers with its first guess
-        rows_out = [first.tolist()]
+        out = first
         if chained:
             cols = [col for col, _ in chained]
             step = [ScheduledRequest(kept[col][2].req, 1, self.kv.block_ids(kept[col][2].req.request_id))
                     for col in cols]
             ids = first[on_device(cols, torch.long, first.device)] if len(cols) != len(kept) else first
-            rows_out += self.chain.run_chain(step, ids, [p for _, p in chained]).tolist()
+            out = torch.cat([first, self.chain.run_chain(step, ids, [p for _, p in chained]).flatten()])
+        tokens, n, m = out.tolist(), len(kept), len(chained)   # the call's one wait
         where = {col: (j, p) for j, (col, p) in enumerate(chained)}   # column in the chain's output, passes
         for col, (i, _, seq, _) in enumerate(kept):
             j, p = where.get(col, (0, 0))
-            for t in [rows_out[0][col]] + [rows_out[1 + r][j] for r in range(p)]:
+            for t in [tokens[col]] + [tokens[n + r * m + j] for r in range(p)]:
                 seq.req.append_token(t)
                 guesses[i].append(t)
             seq.req.num_computed_tokens += p
