@@ -280,13 +280,10 @@ class ChainGraphs(DecodeGraphs):
             and longest + passes <= self.max_context
 
     def run_chain(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor, passes: list[int]) -> torch.Tensor:
-        """`input_ids` (device, one per sequence) at the sequences' next positions; passes[i] <= the most:
-        the tokens of every pass, [max(passes), len(scheduled)] on the device."""
+        """`input_ids` (device, one per sequence) at the sequences' next positions, each with KV slots for
+        its 1 <= passes[i] <= max_passes passes: the tokens of every pass, [max(passes), len(scheduled)]
+        on the device."""
         n, bs = self._pack(scheduled, input_ids)
-        _, _, slots = self._v64(self.n64, bs)
-        for i, p in enumerate(passes):
-            if p == 0:
-                slots[i] = -1
         self.h_passes[:n] = torch.tensor(passes)
         self.h_passes[n:bs] = 0
         return self._launch_chain(bs, max(passes), input_ids)[:, :n]
