@@ -33,13 +33,17 @@ from services.engine.llm_engine import LLMEngine  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def make_prompts(tokenizer, n: int, num_tokens: int) -> list[list[int]]:
+def make_prompts(tokenizer, n: int, num_tokens: int, workload: str = "code") -> list[list[int]]:
+    """`code`: chunks of source to continue. `copy`: a chunk of three quarters of the tokens, then its
+    first quarter again, so that continuing means repeating it (an edit of code or text shown in the prompt)."""
     import argparse as a, collections, json as j, textwrap, string, dataclasses  # noqa: E401, PLC0415
     ids: list[int] = []
     for mod in (textwrap, string, collections, j.encoder, a, dataclasses):
         ids += tokenizer.encode(inspect.getsource(mod))
-    step = max((len(ids) - num_tokens) // max(n, 1), 1)
-    return [ids[i * step % (len(ids) - num_tokens):][:num_tokens] for i in range(n)]
+    body = num_tokens * 3 // 4 if workload == "copy" else num_tokens
+    step = max((len(ids) - body) // max(n, 1), 1)
+    chunks = [ids[i * step % (len(ids) - body):][:body] for i in range(n)]
+    return [c + c[:num_tokens - body] for c in chunks]
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--proposers", default="ngram,draft", help="comma list of ngram, draft, remote")
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--workload", default="code", choices=["code", "copy"],
+                    help="code: continue source chunks; copy: continue a chunk repeated in the prompt")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--no-adaptive", action="store_true", help="fixed k, no batch-size cap")
@@ -105,7 +111,7 @@ def main() -> None:
                                     {method: proposer})
         if args.no_gate:
             engines[method].speculator.gate = AlwaysSpeculate()
-    prompts = {b: make_prompts(engines["plain"].tokenizer, b, args.prompt_tokens) for b in batches}
+    prompts = {b: make_prompts(engines["plain"].tokenizer, b, args.prompt_tokens, args.workload) for b in batches}
     for name, engine in engines.items():   # kernels compile on first use; adaptive engines explore plain steps first
         for b in batches:
             run(engine, prompts[b], 8 if name == "plain" else 24, f"warm{b}")
@@ -141,8 +147,9 @@ def main() -> None:
     report = {"device": str(torch.device(args.device if args.device != "auto" else
                                          ("cuda" if torch.cuda.is_available() else "cpu"))),
               "torch_threads": torch.get_num_threads(), "target": args.target, "draft": args.draft,
-              "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "k": args.k,
-              "adaptive": not args.no_adaptive, "gate": not args.no_gate, "repeats": args.repeats, "results": results,
+              "dtype": args.dtype, "workload": args.workload, "prompt_tokens": args.prompt_tokens,
+              "max_tokens": args.max_tokens, "k": args.k, "adaptive": not args.no_adaptive, "gate": not args.no_gate,
+              "repeats": args.repeats, "results": results,
               "gate_rates": gates}   # per proposer and batch bucket: tokens/s measured with and without speculation
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
