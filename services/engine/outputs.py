@@ -43,6 +43,13 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0         # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    # [spec] this request's speculative decoding: guesses scored and accepted, verify steps, time spent
+    # waiting for its proposer's calls, and proposer calls that failed or timed out (plain steps instead)
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0
+    spec_draft_s: float = 0.0
+    spec_fallbacks: int = 0
 
 
 @dataclass(slots=True)

@@ -308,6 +308,8 @@ class Speculator:
             proposals = self.proposers[method].propose(inputs)
         except ProposerUnavailable as e:
             self.stats.num_fallbacks += 1
+            for r, _ in batch:
+                r.metrics.spec_fallbacks += 1
             log.info("proposer %s unavailable, decoding without speculation this step: %s", method, e)
             return
         finally:
@@ -315,6 +317,8 @@ class Speculator:
             self._last_draft_time += dt
             self.stats.num_draft_calls += 1
             self.stats.draft_time_s += dt
+            for r, _ in batch:
+                r.metrics.spec_draft_s += dt
         if not self._catching_up:
             per_position = dt / max(k for _, k in batch)
             prev = self._cost.get((method, self._bucket))
@@ -354,6 +358,10 @@ class Speculator:
             self.stats.num_verify_steps += 1
             self.stats.num_proposed_tokens += m
             self.stats.num_accepted_tokens += accepted
+            rm = req.metrics
+            rm.spec_verify_steps += 1
+            rm.spec_proposed_tokens += m
+            rm.spec_accepted_tokens += accepted
             st = self._seqs.get(req.request_id)
             if st is not None:
                 st.accepted = self.DECAY * st.accepted + accepted

@@ -94,4 +94,18 @@ def record_engine_phases(parent: Span, metrics: Any, clock: str = "wall") -> Non
         span = tracer().start_span(name, context=ctx, start_time=_epoch_ns(t0, offset))
         if name == "engine.prefill":
             span.set_attribute("inference.cached_tokens", int(getattr(metrics, "num_cached_tokens", 0)))
+        if name == "engine.decode" and (getattr(metrics, "spec_verify_steps", 0)
+                                        or getattr(metrics, "spec_fallbacks", 0)):
+            span.set_attributes(spec_attributes(metrics))
         span.end(end_time=_epoch_ns(max(t0, t1), offset))
+
+
+def spec_attributes(metrics: Any) -> dict[str, int | float]:
+    """The decode span's speculative-decoding attributes, from a RequestMetrics."""
+    proposed, accepted, steps = metrics.spec_proposed_tokens, metrics.spec_accepted_tokens, metrics.spec_verify_steps
+    return {"inference.spec.proposed_tokens": proposed, "inference.spec.accepted_tokens": accepted,
+            "inference.spec.acceptance_rate": accepted / proposed if proposed else 0.0,
+            "inference.spec.verify_steps": steps,
+            "inference.spec.mean_accepted_length": accepted / steps if steps else 0.0,
+            "inference.spec.draft_ms": round(1e3 * metrics.spec_draft_s, 3),
+            "inference.spec.fallbacks": metrics.spec_fallbacks}

@@ -288,10 +288,13 @@ def test_per_request_override_and_batch_cap(tiny_model_dir, spec_llms):
     llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, speculative={"enabled": False}))
     assert stats.num_verify_steps == before
     copy = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, 3]\nw = [1, 2,"
-    steps, proposed = stats.num_verify_steps, stats.num_proposed_tokens
-    llm.generate(copy, SamplingParams(temperature=0, max_tokens=40, speculative={"num_speculative_tokens": 1}))
+    steps, proposed, accepted = stats.num_verify_steps, stats.num_proposed_tokens, stats.num_accepted_tokens
+    out = llm.generate(copy, SamplingParams(temperature=0, max_tokens=40, speculative={"num_speculative_tokens": 1}))
     assert stats.num_verify_steps > steps
     assert stats.num_proposed_tokens - proposed == stats.num_verify_steps - steps   # one guess per step
+    m = out[0].metrics   # the request's own counters (they go on its decode span)
+    assert (m.spec_verify_steps, m.spec_proposed_tokens, m.spec_accepted_tokens) == \
+        (stats.num_verify_steps - steps, stats.num_proposed_tokens - proposed, stats.num_accepted_tokens - accepted)
     capped = LLM(tiny_model_dir, proposers={"ngram": build_proposer("ngram")}, speculative_method="ngram",
                  speculative_disable_batch_size=2, **ENGINE)
     capped.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))

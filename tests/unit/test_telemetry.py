@@ -40,6 +40,29 @@ def test_engine_phases_become_child_spans_at_engine_times():
     assert spans["engine.prefill"].attributes["inference.cached_tokens"] == 32
 
 
+def test_decode_span_carries_the_requests_speculation():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    t0 = time.time()
+    m = RequestMetrics(arrival_time=t0, first_scheduled_time=t0, first_token_time=t0 + 0.1, finished_time=t0 + 1,
+                       spec_proposed_tokens=40, spec_accepted_tokens=30, spec_verify_steps=10, spec_draft_s=0.012,
+                       spec_fallbacks=1)
+    parent = tracer.start_span("llm_server.generate")
+    orig = tracing.tracer
+    tracing.tracer = lambda: tracer
+    try:
+        tracing.record_engine_phases(parent, m)
+    finally:
+        tracing.tracer = orig
+    decode = next(s for s in exporter.get_finished_spans() if s.name == "engine.decode")
+    assert {k: v for k, v in decode.attributes.items() if k.startswith("inference.spec.")} == {
+        "inference.spec.proposed_tokens": 40, "inference.spec.accepted_tokens": 30,
+        "inference.spec.acceptance_rate": 0.75, "inference.spec.verify_steps": 10,
+        "inference.spec.mean_accepted_length": 3.0, "inference.spec.draft_ms": 12.0, "inference.spec.fallbacks": 1}
+
+
 def test_missing_phases_are_skipped():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
