@@ -44,8 +44,10 @@ class ModelRunner:
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        # One allocation [layers, 2 (K, V), blocks, ...]; each layer sees views of it, and the KV tier moves
+        # whole blocks of every layer with one gather or scatter.
+        self.kv_cache = torch.zeros((self.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.num_layers)]
         if spec_query_len is None and config.speculative_method is not None:
             spec_query_len = config.num_speculative_tokens + 1
         # GPU decode and speculative steps replay CUDA graphs (cuda_graphs.py)
@@ -149,15 +151,12 @@ class ModelRunner:
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one index_select
-        per layer and K/V straight into the result. On a GPU the copy to (pinned) host memory is queued
-        behind the step's work, not waited for: the event marks it done (the KV tier's writer waits)."""
-        k0 = self.kv_caches[0][0]
-        cuda = k0.is_cuda
-        idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(k0.device, non_blocking=True)
-        out = torch.empty((len(self.kv_caches), 2, len(block_ids), *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
-        for layer, (k, v) in enumerate(self.kv_caches):
-            torch.index_select(k, 0, idx, out=out[layer, 0])
-            torch.index_select(v, 0, idx, out=out[layer, 1])
+        over every layer. On a GPU the copy to (pinned) host memory is queued behind the step's work, not
+        waited for: the event marks it done (the KV tier's writer waits)."""
+        cache = self.kv_cache
+        cuda = cache.is_cuda
+        idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(cache.device, non_blocking=True)
+        out = torch.index_select(cache, 2, idx)
         if not cuda:
             return out, None
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -168,7 +167,4 @@ class ModelRunner:
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        data = data.to(self.device, self.dtype)
-        for layer, (k, v) in enumerate(self.kv_caches):
-            k[idx] = data[:, layer, 0]
-            v[idx] = data[:, layer, 1]
+        self.kv_cache[:, :, idx] = data.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5)
