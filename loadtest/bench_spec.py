@@ -9,7 +9,8 @@ writes JSON with tokens/s, speedup, acceptance rate and mean accepted length.
 
 Decode tokens/s = tokens generated after every request has its first token, divided by the time
 since then (prefill excluded). Prompts are chunks of Python standard-library source (what the
-tiny models were trained on): code continuation, partly copy-heavy (n-gram lookup finds repeats).
+tiny models were trained on): code continuation, partly copy-heavy (n-gram lookup finds repeats);
+`--workload copy` makes each prompt repeat a chunk it contains, the copy-heavy case (an edit of shown code).
 Outputs are checked equal to the plain engine's (greedy), so a speedup never hides a wrong answer.
 The engines run interleaved (plain, then each proposer, per repeat); the speedup is the median over
 repeats of each speculative run's tokens/s over the plain run beside it.
