@@ -14,23 +14,27 @@ from services.telemetry import tracing
 from services.telemetry.metrics import EngineStatsCollector
 
 
-def test_engine_phases_become_child_spans_at_engine_times():
+def engine_phase_spans(metrics: RequestMetrics) -> tuple[dict, object]:
+    """record_engine_phases under a parent span, routed to an in-memory exporter: ({name: span}, parent)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("t")
-    t0 = time.time()
-    m = RequestMetrics(arrival_time=t0, first_scheduled_time=t0 + 0.5, first_token_time=t0 + 0.75,
-                       last_token_time=t0 + 2.0, finished_time=t0 + 2.0, num_cached_tokens=32)
     parent = tracer.start_span("llm_server.generate")
     orig = tracing.tracer
     tracing.tracer = lambda: tracer   # route the helper's spans to this provider
     try:
-        tracing.record_engine_phases(parent, m)
+        tracing.record_engine_phases(parent, metrics)
     finally:
         tracing.tracer = orig
-    parent.end()
-    spans = {s.name: s for s in exporter.get_finished_spans()}
+    return {s.name: s for s in exporter.get_finished_spans()}, parent
+
+
+def test_engine_phases_become_child_spans_at_engine_times():
+    t0 = time.time()
+    m = RequestMetrics(arrival_time=t0, first_scheduled_time=t0 + 0.5, first_token_time=t0 + 0.75,
+                       last_token_time=t0 + 2.0, finished_time=t0 + 2.0, num_cached_tokens=32)
+    spans, parent = engine_phase_spans(m)
     assert [spans[n].parent.span_id for n in ("engine.queue", "engine.prefill", "engine.decode")] == \
         [parent.get_span_context().span_id] * 3
     durations = {n: (spans[n].end_time - spans[n].start_time) / 1e9 for n in ("engine.queue", "engine.prefill",
@@ -38,25 +42,15 @@ def test_engine_phases_become_child_spans_at_engine_times():
     assert durations == pytest.approx({"engine.queue": 0.5, "engine.prefill": 0.25, "engine.decode": 1.25}, abs=1e-3)
     assert spans["engine.queue"].start_time == pytest.approx(t0 * 1e9, abs=1e6)
     assert spans["engine.prefill"].attributes["inference.cached_tokens"] == 32
+    assert not any(k.startswith("inference.spec.") for k in spans["engine.decode"].attributes)
 
 
 def test_decode_span_carries_the_requests_speculation():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("t")
     t0 = time.time()
     m = RequestMetrics(arrival_time=t0, first_scheduled_time=t0, first_token_time=t0 + 0.1, finished_time=t0 + 1,
                        spec_proposed_tokens=40, spec_accepted_tokens=30, spec_verify_steps=10, spec_draft_s=0.012,
                        spec_fallbacks=1)
-    parent = tracer.start_span("llm_server.generate")
-    orig = tracing.tracer
-    tracing.tracer = lambda: tracer
-    try:
-        tracing.record_engine_phases(parent, m)
-    finally:
-        tracing.tracer = orig
-    decode = next(s for s in exporter.get_finished_spans() if s.name == "engine.decode")
+    decode = engine_phase_spans(m)[0]["engine.decode"]
     assert {k: v for k, v in decode.attributes.items() if k.startswith("inference.spec.")} == {
         "inference.spec.proposed_tokens": 40, "inference.spec.accepted_tokens": 30,
         "inference.spec.acceptance_rate": 0.75, "inference.spec.verify_steps": 10,
@@ -64,18 +58,8 @@ def test_decode_span_carries_the_requests_speculation():
 
 
 def test_missing_phases_are_skipped():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("t")
-    parent = tracer.start_span("p")
-    orig = tracing.tracer
-    tracing.tracer = lambda: tracer
-    try:   # aborted while queued: never scheduled, no token
-        tracing.record_engine_phases(parent, RequestMetrics(arrival_time=time.time()))
-    finally:
-        tracing.tracer = orig
-    assert exporter.get_finished_spans() == ()
+    # aborted while queued: never scheduled, no token
+    assert engine_phase_spans(RequestMetrics(arrival_time=time.time()))[0] == {}
 
 
 def test_engine_collector_exports_live_stats():
