@@ -101,14 +101,13 @@ class DraftModel:
 
     # ---- internals -----------------------------------------------------------------------------
     def _capture_chain(self, max_passes: int):
-        r, c = self.runner, self.config
-        if r.graphs is None or max_passes < 1:
+        """Chain graphs over the batch sizes and context of the runner's speculative graphs."""
+        r = self.runner
+        if r.spec_graphs is None or max_passes < 1:
             return None
         from services.engine.cuda_graphs import ChainGraphs  # noqa: PLC0415
-        chain = ChainGraphs(r.model, r.kv_caches, r.backend, r.block_size,
-                            min(c.max_num_seqs, c.speculative_disable_batch_size or c.max_num_seqs),
-                            c.max_model_len or self.hf_config.max_position_embeddings, r.device, max_passes,
-                            pool=r.graphs.pool)
+        chain = ChainGraphs(r.model, r.kv_caches, r.backend, r.block_size, r.spec_graphs.max_batch,
+                            r.spec_graphs.max_context, r.device, max_passes, pool=r.spec_graphs.pool)
         chain.capture()
         return chain
 

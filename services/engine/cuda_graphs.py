@@ -138,16 +138,18 @@ class DecodeGraphs:
                 rows[i] = (blocks, len(blocks))
 
     def _copy_inputs(self, bs: int, input_ids: torch.Tensor | None) -> None:
+        """The pinned buffers to the device (and `copied`, the event after which they are free again)."""
         self.i64.copy_(self.h64, non_blocking=True)
         end32 = 2 * self.max_batch + 1 + bs * self.width
         self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
         if input_ids is not None:                              # after the host copy, on the same stream
             self.i64[:input_ids.shape[0]].copy_(input_ids)
+        if self.i64.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         self._copy_inputs(bs, input_ids)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
         self.graphs[bs].replay()
         return self.hidden[bs]
 
@@ -286,12 +288,10 @@ class ChainGraphs(DecodeGraphs):
         n, bs = self._pack(scheduled, input_ids)
         self.h_passes[:n] = torch.tensor(passes)
         self.h_passes[n:bs] = 0
+        self.passes[:bs].copy_(self.h_passes[:bs], non_blocking=True)   # before `copied` is recorded
         return self._launch_chain(bs, max(passes), input_ids)[:, :n]
 
     def _launch_chain(self, bs: int, passes: int, input_ids: torch.Tensor) -> torch.Tensor:
-        self.passes[:bs].copy_(self.h_passes[:bs], non_blocking=True)
         self._copy_inputs(bs, input_ids)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
         self.chains[bs, passes].replay()
         return self.tokens[bs, passes]

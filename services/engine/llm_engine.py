@@ -236,7 +236,7 @@ class LLMEngine:
     # to the host behind the forward pass (the writer thread waits for the copy).
 
     def _can_overlap(self, scheduled: list, rows: list) -> bool:
-        if self.runner.graphs is None or not self._speculation_off() or self.scheduler.waiting or not scheduled:
+        if self.runner.graphs is None or self._speculate or self.scheduler.waiting or not scheduled:
             return False
         for s, r in zip(scheduled, rows):
             req = s.request
@@ -247,10 +247,6 @@ class LLMEngine:
                     or self.child_to_group[req].pending:
                 return False
         return True
-
-    def _speculation_off(self) -> bool:
-        """No speculator, or it sits this step out (batch above its cap, or plain steps measured faster)."""
-        return not self._speculate
 
     def _launch_sampling(self, logits, scheduled: list, masks=None) -> InFlight:
         tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled], masks)
@@ -284,7 +280,7 @@ class LLMEngine:
     def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
         """The forward pass of step n+1 for the requests of step n that are still running and cannot
         finish by length at n: (logits, scheduled), its sampling not launched yet."""
-        if self.scheduler.waiting or not self._speculation_off():
+        if self.scheduler.waiting or self._speculate:
             return None
         keep, scheduled = [], []
         for i, s in enumerate(prev.scheduled):

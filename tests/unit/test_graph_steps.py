@@ -37,10 +37,7 @@ class ReplayByRerun(DecodeGraphs):
         self.replays = 0
 
     def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        self.i64.copy_(self.h64)
-        self.i32.copy_(self.h32)
-        if input_ids is not None:
-            self.i64[:input_ids.shape[0]].copy_(input_ids)
+        self._copy_inputs(bs, input_ids)
         self.replays += 1
         ids, pos, _ = self._v64(self.i64, bs * self.q)
         return self.model(ids, pos, self.kv_caches, self._meta(bs), self.backend)
@@ -54,10 +51,7 @@ class ChainByRerun(ChainGraphs):
         self.replays = 0
 
     def _launch_chain(self, bs: int, passes: int, input_ids: torch.Tensor) -> torch.Tensor:
-        self.passes.copy_(self.h_passes)
-        self.i64.copy_(self.h64)
-        self.i32.copy_(self.h32)
-        self.i64[:input_ids.shape[0]].copy_(input_ids)
+        self._copy_inputs(bs, input_ids)
         self.replays += 1
         return self._chain(bs, passes)
 
