@@ -76,6 +76,22 @@ def test_sample_rows_greedy_and_logprobs():
     torch.testing.assert_close(lps, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 151936), (5, 128256), (300, 32000)])
+def test_sample_rows_split_vocabulary_draws_the_same_tokens(rows, vocab):
+    """Small batches split each row over several programs: the same tokens (every element keeps its own
+    noise) and logprobs as one program a row, greedy and sampled rows mixed."""
+    g = torch.Generator("cuda").manual_seed(rows)
+    logits = torch.randn(rows, vocab, device="cuda", generator=g) * 4
+    logits[0, 1000:] = float("-inf")                                 # a row masked past its first chunk
+    temp = torch.tensor([0.0, 0.8, 1.3] * rows, device="cuda")[:rows]
+    one, one_lp = fused.sample_rows(logits, temp, seed=11, splits=1)
+    split, split_lp = fused.sample_rows(logits, temp, seed=11)
+    assert torch.equal(one, split)
+    torch.testing.assert_close(one_lp, split_lp)
+    torch.testing.assert_close(split_lp, logits.log_softmax(-1).gather(1, split[:, None]).squeeze(1))
+    assert split[0] == logits[0].argmax()
+
+
 def test_sample_rows_follows_the_tempered_distribution():
     """8 tokens, temperature 0.7, 4000 rows: observed counts against softmax(logits / 0.7)."""
     base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, float("-inf")], device="cuda")

@@ -109,10 +109,15 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, V, seed, BLOCK: tl.constexpr):
-    """One row: Gumbel-max sampling at the row's temperature (0: argmax), and the chosen token's
-    log-probability under the untempered row (logit - logsumexp), in one pass over the vocabulary."""
+def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SPLITS, BLOCK: tl.constexpr):
+    """One row's chunk of the vocabulary: Gumbel-max sampling at the row's temperature (0: argmax), and
+    the chosen token's log-probability under the untempered row (logit - logsumexp), in one pass. With
+    one chunk a row (SPLITS == 1) it writes the results; otherwise its partial (max, sum of exp, best
+    score, best index) for `_sample_merge_kernel`."""
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
     temp = tl.load(Temp + row)
     inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)   # greedy rows: 1 (their score is x), so -inf * 0 never makes NaN
     noise = tl.where(temp > 0, 1.0, 0.0)
@@ -120,15 +125,15 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, V, seed, BLOCK: tl.const
     s = tl.zeros([], tl.float32)
     best = tl.full([], float("-inf"), tl.float32)
     best_idx = tl.zeros([], tl.int64)
-    for start in range(0, V, BLOCK):
+    for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        ok = offs < V
+        ok = offs < hi
         x = tl.load(Logits + row * stride + offs, mask=ok, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
         m = m_new
-        u = tl.rand(seed, (row * V + offs).to(tl.int32))
+        u = tl.rand(seed, (row * V + offs).to(tl.int32))   # the element's own draw: the same for any split
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-20)))
         score = tl.where(temp > 0, x * inv_t + noise * gumbel, x)
         score = tl.where(ok & (x > float("-inf")), score, float("-inf"))
@@ -137,17 +142,63 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, V, seed, BLOCK: tl.const
         take = blk > best
         best_idx = tl.where(take, (start + idx).to(tl.int64), best_idx)
         best = tl.where(take, blk, best)
-    chosen = tl.load(Logits + row * stride + best_idx).to(tl.float32)
-    tl.store(OutTok + row, best_idx)
-    tl.store(OutLp + row, chosen - (m + tl.log(s)))
+    if SPLITS == 1:
+        chosen = tl.load(Logits + row * stride + best_idx).to(tl.float32)
+        tl.store(OutTok + row, best_idx)
+        tl.store(OutLp + row, chosen - (m + tl.log(s)))
+    else:
+        p = Part + (row * SPLITS + split) * 4
+        tl.store(p, m)
+        tl.store(p + 1, s)
+        tl.store(p + 2, best)
+        tl.store(p + 3, best_idx.to(tl.float32))   # exact: vocabularies are far below 2**24
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _sample_merge_kernel(Logits, stride, OutTok, OutLp, Part, SPLITS, BLOCK_S: tl.constexpr):
+    """One row: its chunks' partials -> the token with the best score (the first, on ties) and its logprob."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_S)
+    ok = k < SPLITS
+    p = Part + (row * SPLITS + k) * 4
+    m = tl.load(p, mask=ok, other=float("-inf"))
+    s = tl.load(p + 1, mask=ok, other=0.0)
+    best = tl.load(p + 2, mask=ok, other=float("-inf"))
+    idx = tl.load(p + 3, mask=ok, other=0.0)
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - m_safe), 0.0), 0)
+    first = tl.argmax(best, 0)
+    tok = tl.sum(tl.where(k == first, idx, 0.0), 0).to(tl.int64)
+    chosen = tl.load(Logits + row * stride + tok).to(tl.float32)
+    tl.store(OutTok + row, tok)
+    tl.store(OutLp + row, chosen - (m_all + tl.log(total)))
+
+
+SAMPLE_BLOCK = 2048
+SAMPLE_PROGRAMS = 256   # rows x chunks to aim for: a few small batches' rows would leave most SMs idle
+MAX_SPLITS = 128        # chunks a row at most (one merge kernel for every batch size: no compile per shape)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
+                splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32, temperature [B] (0 = greedy). Returns (tokens [B] int64, logprobs [B]):
-    the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise."""
+    the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise. Small
+    batches split each row's vocabulary over several programs (`splits`, default: enough for about
+    SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their partials in a second kernel."""
     b, v = logits.shape
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     lps = torch.empty(b, dtype=torch.float32, device=logits.device)
-    if b:
-        _sample_kernel[(b,)](logits, logits.stride(0), temperature, tokens, lps, v, seed, BLOCK=2048, num_warps=8)
+    if not b:
+        return tokens, lps
+    blocks = triton.cdiv(v, SAMPLE_BLOCK)
+    want = min(blocks, MAX_SPLITS, max(1, SAMPLE_PROGRAMS // b) if splits is None else splits)
+    chunk = triton.cdiv(blocks, want) * SAMPLE_BLOCK
+    n = triton.cdiv(v, chunk)
+    part = torch.empty(b * n * 4 if n > 1 else 1, dtype=torch.float32, device=logits.device)
+    _sample_kernel[(b, n)](logits, logits.stride(0), temperature, tokens, lps, part, v, chunk, seed, n,
+                           BLOCK=SAMPLE_BLOCK, num_warps=8)
+    if n > 1:
+        _sample_merge_kernel[(b,)](logits, logits.stride(0), tokens, lps, part, n,
+                                   BLOCK_S=MAX_SPLITS, num_warps=1)
     return tokens, lps
