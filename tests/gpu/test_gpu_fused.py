@@ -67,6 +67,16 @@ def test_silu_and_mul(dtype, t, n):
     torch.testing.assert_close(fused.silu_and_mul(x), F.silu(gate) * up, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(1152, 896, True), (896, 4864, False), (151936, 896, False), (37, 100, False)])
+def test_gemv_matches_linear(dtype, n, k, bias):
+    g = torch.Generator("cuda").manual_seed(1)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    torch.testing.assert_close(fused.gemv(x, w, b), F.linear(x, w, b), **tol(dtype))
+
+
 def test_sample_rows_greedy_and_logprobs():
     g = torch.Generator("cuda").manual_seed(2)
     logits = torch.randn(9, 50000, device="cuda", generator=g) * 3

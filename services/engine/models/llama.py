@@ -20,6 +20,11 @@ except ImportError:   # pragma: no cover - no Triton
     fused = None
 
 
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`; a single row on the GPU goes through the Triton GEMV (batch-1 decode, a sampled row)."""
+    return fused.linear(x, layer) if fused is not None else layer(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -60,7 +65,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        qkv = self.qkv_proj(x)                                     # [T, q + 2kv]
+        qkv = linear(x, self.qkv_proj)                                     # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -70,7 +75,7 @@ class Attention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -81,11 +86,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = linear(x, self.gate_up_proj)
         if x.is_cuda and fused is not None:
-            return self.down_proj(fused.silu_and_mul(gate_up))
+            return linear(fused.silu_and_mul(gate_up), self.down_proj)
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -133,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()
 
 
 ARCHITECTURES = {
