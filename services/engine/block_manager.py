@@ -77,6 +77,12 @@ class BlockManager:
         """Make room for `num_new_tokens` beyond the request's computed tokens (plus `computed_blocks`,
         a prefix hit being taken). Returns False and changes nothing when memory is short."""
         owned = self.req_blocks.get(request.request_id, [])
+        total = request.num_computed_tokens + num_new_tokens
+        if not computed_blocks and total <= len(owned) * self.block_size and (
+                not self.enable_prefix_caching or min(min(total, request.num_tokens) // self.block_size,
+                                                      len(request.block_hashes))
+                <= self.num_cached_blocks.get(request.request_id, 0)):
+            return True   # a decode step inside its last block: nothing to take, nothing fills up
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(owned) - len(computed_blocks)
         # Hit blocks that sit in the free queue stop being free once taken.
