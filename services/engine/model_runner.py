@@ -52,6 +52,7 @@ class ModelRunner:
             spec_query_len = config.num_speculative_tokens + 1
         # GPU decode and speculative steps replay CUDA graphs (cuda_graphs.py)
         self.graphs, self.spec_graphs = self._capture_graphs(spec_query_len or 1)
+        self._warm_up_kernels()
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -147,6 +148,17 @@ class ModelRunner:
                             self.device, tokens_per_seq=spec_query_len, pool=graphs.pool)
         spec.capture()
         return graphs, spec
+
+    def _warm_up_kernels(self) -> None:
+        """Compile now what the first steps would compile mid-serving (up to a second each on a fresh
+        machine): the lm_head's GEMV for a single sampled row and the fused sampler."""
+        if self.device.type != "cuda":
+            return
+        from services.engine.layers import fused  # noqa: PLC0415
+        logits = self.model.compute_logits(torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype,
+                                                       device=self.device))
+        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0)
+        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0, splits=1)
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:

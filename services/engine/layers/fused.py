@@ -108,7 +108,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "SPLITS"])   # one compiled kernel for every step's seed and batch size
 def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SPLITS, BLOCK: tl.constexpr):
     """One row's chunk of the vocabulary: Gumbel-max sampling at the row's temperature (0: argmax), and
     the chosen token's log-probability under the untempered row (logit - logsumexp), in one pass. With
@@ -154,7 +154,7 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SP
         tl.store(p + 3, best_idx.to(tl.float32))   # exact: vocabularies are far below 2**24
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _sample_merge_kernel(Logits, stride, OutTok, OutLp, Part, SPLITS, BLOCK_S: tl.constexpr):
     """One row: its chunks' partials -> the token with the best score (the first, on ties) and its logprob."""
     row = tl.program_id(0).to(tl.int64)
