@@ -250,7 +250,8 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
             child = children[mode] = subprocess.Popen(
                 [sys.executable, "-m", "loadtest.bench_gateway", "--serve-child", mode, "--child-config",
                  json.dumps(args)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                env={**os.environ,
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
             for line in child.stdout:
                 if line.strip() == "ready":
                     break

@@ -5,7 +5,8 @@
 Shapes: every linear layer of the Qwen2.5-0.5B, Llama-3.2-1B and Llama-3.1-8B configurations at one
 token (qkv with Qwen's bias, o, gate_up, down, lm_head), bf16. Times are medians of CUDA-graph
 replays (triton.testing.do_bench_cudagraph), so launch cost is left out as it is inside the decode
-graph, over enough copies of each weight to overflow the L2 cache; bandwidth counts the weight bytes. --sweep also times other block shapes than gemv_blocks'.
+graph, over enough copies of each weight to overflow the L2 cache; bandwidth counts the weight bytes.
+--sweep also times 40 other block shapes (how gemv_blocks' choice was made).
 """
 from __future__ import annotations
 

@@ -157,8 +157,7 @@ class ModelRunner:
         from services.engine.layers import fused  # noqa: PLC0415
         logits = self.model.compute_logits(torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype,
                                                        device=self.device))
-        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0)
-        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0, splits=1)
+        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0)   # both of its kernels
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -10,6 +10,9 @@ than in its GEMMs. These Triton kernels do each in one pass, in float32 register
 - `rotary_(q, k, positions, cos, sin)`: rotate-half RoPE on q [T, H, D] and k [T, KVH, D] in place
   (strided views into the fused qkv output are fine).
 - `silu_and_mul(gate_up)`: [T, 2I] -> silu(gate) * up, [T, I].
+- `sample_rows(logits, temperature, seed)`: Gumbel-max sampling and the chosen token's logprob in one pass
+  (rows of small batches split over several programs, then merged).
+- `gemv(x, weight, bias)`: a one-row linear layer at the memory bandwidth (batch-1 decode).
 
 The eager reference is what models/llama.py runs on the CPU; tests/gpu compares the two.
 """
