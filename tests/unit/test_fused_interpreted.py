@@ -33,3 +33,25 @@ def test_gemv_is_a_one_row_linear(n, k, bias):
     w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     torch.testing.assert_close(fused.gemv(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_write_kv_is_rotary_then_the_cache_write():
+    from services.engine.layers.attention import write_kv
+    from services.engine.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(4)
+    t, hq, hk, d, blocks, page = 5, 6, 2, 16, 4, 4
+    rope = RotaryEmbedding(d, 64, {"rope_theta": 10000.0, "rope_type": "default"})
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g)       # q, k, v as strided views, as in the model
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    positions = torch.tensor([0, 3, 7, 8, 20])
+    slots = torch.tensor([1, 6, -1, 9, 15])                     # -1: a padding row writes nothing
+    cache = torch.zeros(2, blocks, page, hk, d)
+    ref_q, ref_k = rope(positions, q.clone(), k.clone())
+    fused.rotary_write_kv_(q, k, v, positions, rope.cos, rope.sin, (cache[0], cache[1]), slots)
+
+    ref = torch.zeros_like(cache)
+    keep = slots >= 0
+    write_kv(ref_k[keep], v[keep], (ref[0], ref[1]), slots[keep])
+    torch.testing.assert_close(q, ref_q)
+    torch.testing.assert_close(cache, ref)

@@ -9,6 +9,8 @@ than in its GEMMs. These Triton kernels do each in one pass, in float32 register
   add is), returns rms_norm(residual) * w. With residual None, plain RMSNorm (the first layer).
 - `rotary_(q, k, positions, cos, sin)`: rotate-half RoPE on q [T, H, D] and k [T, KVH, D] in place
   (strided views into the fused qkv output are fine).
+- `rotary_write_kv_(q, k, v, positions, cos, sin, kv_cache, slots)`: the same RoPE, with rotated k and v
+  written straight into the paged KV cache (TritonAttention then skips its own write).
 - `silu_and_mul(gate_up)`: [T, 2I] -> silu(gate) * up, [T, I].
 - `sample_rows(logits, temperature, seed)`: Gumbel-max sampling and the chosen token's logprob in one pass
   (rows of small batches split over several programs, then merged).
@@ -88,6 +90,51 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
                              HK_PAD=triton.next_power_of_2(hk), HALF_PAD=triton.next_power_of_2(d // 2),
                              num_warps=4)
     return q, k
+
+
+@triton.jit
+def _rotary_kv_kernel(Q, K, V, KC, VC, Pos, Cos, Sin, Slots, stride_qt, stride_qh, stride_kt, stride_kh,
+                      stride_vt, stride_vh, stride_c, stride_slot, HQ: tl.constexpr, HK: tl.constexpr,
+                      HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Token t: q rotated in place; k rotated and v copied into the paged cache at flat slot Slots[t]
+    (nothing written for slot < 0: padding)."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(Pos + t)
+    d = tl.arange(0, HALF_PAD)
+    dm = d < HALF
+    cos = tl.load(Cos + pos * stride_c + d, mask=dm, other=0.0)[None, :]
+    sin = tl.load(Sin + pos * stride_c + d, mask=dm, other=0.0)[None, :]
+    _rotate_heads(Q, stride_qt, stride_qh, t, cos, sin, d, dm, HQ, HQ_PAD, HALF)
+    slot = tl.load(Slots + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, HK_PAD)[:, None]
+        m = (h < HK) & dm[None, :]
+        src = K + t * stride_kt + h * stride_kh + d[None, :]
+        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        dst = KC + slot * stride_slot + h * (2 * HALF) + d[None, :]
+        tl.store(dst, (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=m)
+        vsrc = V + t * stride_vt + h * stride_vh + d[None, :]
+        vdst = VC + slot * stride_slot + h * (2 * HALF) + d[None, :]
+        tl.store(vdst, tl.load(vsrc, mask=m), mask=m)
+        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=m), mask=m)
+
+
+def rotary_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                     slot_mapping: torch.Tensor) -> None:
+    """`rotary_` and the paged K/V write in one launch: q [T, H, D] rotated in place, rotated k and v
+    [T, KVH, D] (last dim contiguous) written to the cache [blocks, block_size, KVH, D] at the slots."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    k_cache, v_cache = kv_cache
+    if t:
+        _rotary_kv_kernel[(t,)](q, k, v, k_cache, v_cache, positions, cos, sin, slot_mapping, q.stride(0),
+                                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+                                k_cache.stride(1), HQ=hq, HK=hk, HALF=d // 2, HQ_PAD=triton.next_power_of_2(hq),
+                                HK_PAD=triton.next_power_of_2(hk), HALF_PAD=triton.next_power_of_2(d // 2),
+                                num_warps=4)
 
 
 @triton.jit

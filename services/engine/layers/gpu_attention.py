@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from services.engine.layers import fused
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 
 import triton
@@ -158,13 +159,18 @@ class TritonAttention(AttentionBackend):
         want = max(1, 264 // max(num_seqs * num_kv_heads, 1))
         return min(triton.next_power_of_2(want), self.max_splits, triton.next_power_of_2(meta.max_seq_len // 256))
 
-    def forward(self, q, k, v, kv_cache, meta, scale):
+    fuses_rotary = True   # forward(rotary=(positions, cos, sin)) applies RoPE in the K/V write's launch
+
+    def forward(self, q, k, v, kv_cache, meta, scale, rotary=None):
         k_cache, v_cache = kv_cache
-        if k.stride(-1) != 1 or k.stride(1) != k.shape[2]:
-            k = k.contiguous()
-        if v.stride(-1) != 1 or v.stride(1) != v.shape[2]:
-            v = v.contiguous()
-        write_kv_fused(k, v, kv_cache, meta.slot_mapping)
+        if rotary is not None:
+            fused.rotary_write_kv_(q, k, v, *rotary, kv_cache, meta.slot_mapping)
+        else:
+            if k.stride(-1) != 1 or k.stride(1) != k.shape[2]:
+                k = k.contiguous()
+            if v.stride(-1) != 1 or v.stride(1) != v.shape[2]:
+                v = v.contiguous()
+            write_kv_fused(k, v, kv_cache, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads

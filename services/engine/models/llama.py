@@ -70,11 +70,15 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if q.is_cuda and fused is not None:
-            fused.rotary_(q, k, positions, self.rotary.cos, self.rotary.sin)
+        if q.is_cuda and fused is not None and getattr(backend, "fuses_rotary", False):
+            out = backend.forward(q, k, v, kv_cache, meta, self.scale,   # RoPE inside the K/V write's launch
+                                  rotary=(positions, self.rotary.cos, self.rotary.sin))
         else:
-            q, k = self.rotary(positions, q, k)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
+            if q.is_cuda and fused is not None:
+                fused.rotary_(q, k, positions, self.rotary.cos, self.rotary.sin)
+            else:
+                q, k = self.rotary(positions, q, k)
+            out = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
         return linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
