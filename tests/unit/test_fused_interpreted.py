@@ -55,3 +55,17 @@ def test_rotary_write_kv_is_rotary_then_the_cache_write():
     write_kv(ref_k[keep], v[keep], (ref[0], ref[1]), slots[keep])
     torch.testing.assert_close(q, ref_q)
     torch.testing.assert_close(cache, ref)
+
+
+def test_rotary_in_place_matches_the_eager_rope():
+    from services.engine.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(5)
+    rope = RotaryEmbedding(16, 64, {"rope_theta": 10000.0, "rope_type": "default"})
+    qkv = torch.randn(4, (6 + 2 * 2) * 16, generator=g)
+    q, k, _ = (x.view(4, -1, 16) for x in qkv.split([6 * 16, 2 * 16, 2 * 16], dim=-1))
+    positions = torch.tensor([0, 5, 9, 63])
+    ref_q, ref_k = rope(positions, q.clone(), k.clone())
+    fused.rotary_(q, k, positions, rope.cos, rope.sin)
+    torch.testing.assert_close(q, ref_q)
+    torch.testing.assert_close(k, ref_k)
