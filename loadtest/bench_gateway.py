@@ -81,14 +81,16 @@ def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> dict[s
 
     internal: list[float] = []   # the engine's own arrival → first token, as the stack reports it
 
+    # Every stream is read to its end, as the stack's clients do: the next request then finds the engine
+    # idle, not finishing a step for one abandoned after its first token.
     async def one() -> float:
         t0 = time.perf_counter()
+        t = None
         async for out in engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                                          uuid.uuid4().hex):
-            if out.outputs[0].token_ids:
+            if t is None and out.outputs[0].token_ids:
                 t = time.perf_counter() - t0
                 internal.append(out.metrics.first_token_time - out.metrics.arrival_time)
-                break
         return t
 
     # The gateway's own code (auth, parsing, tokenizing, formatting) in this process, no Ray: the
@@ -108,10 +110,13 @@ def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> dict[s
 
     async def via_gateway() -> float:
         t0 = time.perf_counter()
+        t = None
         async for msg in gateway.GenerateStream(req, _Ctx([])):
-            if any(c.token_ids for c in msg.choices):
-                return time.perf_counter() - t0
-        raise RuntimeError("no token came back")
+            if t is None and any(c.token_ids for c in msg.choices):
+                t = time.perf_counter() - t0
+        if t is None:
+            raise RuntimeError("no token came back")
+        return t
 
     async def run() -> dict[str, list[float]]:
         for _ in range(3):
