@@ -104,7 +104,8 @@ class LLMServer:
                 try:
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError
-                    out = await asyncio.wait_for(anext(stream), remaining)
+                    async with asyncio.timeout(remaining):   # (wait_for would start a task per message)
+                        out = await anext(stream)
                 except StopAsyncIteration:
                     break
                 except RuntimeError as e:   # the engine loop died (EngineDeadError): Serve will restart us
