@@ -78,10 +78,8 @@ class BlockManager:
         a prefix hit being taken). Returns False and changes nothing when memory is short."""
         owned = self.req_blocks.get(request.request_id, [])
         total = request.num_computed_tokens + num_new_tokens
-        if not computed_blocks and total <= len(owned) * self.block_size and (
-                not self.enable_prefix_caching or min(min(total, request.num_tokens) // self.block_size,
-                                                      len(request.block_hashes))
-                <= self.num_cached_blocks.get(request.request_id, 0)):
+        if not computed_blocks and total <= len(owned) * self.block_size \
+                and not self._newly_full(request, total):
             return True   # a decode step inside its last block: nothing to take, nothing fills up
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(owned) - len(computed_blocks)
@@ -158,22 +156,28 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def _register_full_blocks(self, request: Request, num_tokens_after_step: int) -> None:
-        """Blocks that will be full of *committed* tokens after this step become shareable.
-        Draft tokens are excluded: their KV may be rolled back."""
+    def _newly_full(self, request: Request, num_tokens_after_step: int) -> range:
+        """Indices of the request's blocks that will be full of *committed* tokens after this step and are
+        not registered yet (none without prefix caching). Draft tokens are excluded: their KV may be rolled back."""
         if not self.enable_prefix_caching:
-            return
+            return range(0)
         num_full = min(num_tokens_after_step, request.num_tokens) // self.block_size
+        return range(self.num_cached_blocks.get(request.request_id, 0), min(num_full, len(request.block_hashes)))
+
+    def _register_full_blocks(self, request: Request, num_tokens_after_step: int) -> None:
+        """The newly full blocks become shareable."""
+        new = self._newly_full(request, num_tokens_after_step)
+        if not new:
+            return
         owned = self.req_blocks[request.request_id]
-        start = self.num_cached_blocks.get(request.request_id, 0)
-        for i in range(start, min(num_full, len(request.block_hashes))):
+        for i in new:
             block, h = owned[i], request.block_hashes[i]
             if block.block_hash is None:
                 block.block_hash = h
                 self.cached.setdefault(h, block)
                 if self.on_block_full is not None:
                     self.on_block_full(block.block_id, h)
-        self.num_cached_blocks[request.request_id] = max(start, min(num_full, len(request.block_hashes)))
+        self.num_cached_blocks[request.request_id] = new.stop
 
     def check_invariants(self) -> None:
         refs: dict[int, int] = {}
