@@ -102,10 +102,13 @@ class LLMServer:
             while True:
                 remaining = None if req.deadline is None else req.deadline - time.time()
                 try:
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError
-                    async with asyncio.timeout(remaining):   # (wait_for would start a task per message)
+                    if remaining is None:
                         out = await anext(stream)
+                    elif remaining <= 0:
+                        raise TimeoutError
+                    else:
+                        async with asyncio.timeout(remaining):   # (wait_for would start a task per message)
+                            out = await anext(stream)
                 except StopAsyncIteration:
                     break
                 except RuntimeError as e:   # the engine loop died (EngineDeadError): Serve will restart us
