@@ -54,16 +54,29 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
-def _rotate_heads(P, stride_t, stride_h, t, cos, sin, d, dm, H: tl.constexpr, H_PAD: tl.constexpr,
+def _cos_sin(Pos, Cos, Sin, t, stride_c, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Token t's cos and sin rows [1, HALF_PAD] at its position, with the column offsets and their mask."""
+    pos = tl.load(Pos + t)
+    d = tl.arange(0, HALF_PAD)
+    dm = d < HALF
+    cos = tl.load(Cos + pos * stride_c + d, mask=dm, other=0.0)[None, :]
+    sin = tl.load(Sin + pos * stride_c + d, mask=dm, other=0.0)[None, :]
+    return cos, sin, d, dm
+
+
+@triton.jit
+def _rotate_heads(Src, Dst, src_h, dst_h, cos, sin, d, dm, H: tl.constexpr, H_PAD: tl.constexpr,
                   HALF: tl.constexpr):
-    """Token t's H heads of P rotated in place (neox style: halves [x1, x2] -> [x1 c - x2 s, x2 c + x1 s])."""
+    """A token's H heads from Src (head stride src_h) rotated into Dst (head stride dst_h; Dst may be Src),
+    neox style: halves [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
     h = tl.arange(0, H_PAD)[:, None]
     m = (h < H) & dm[None, :]
-    p1 = P + t * stride_t + h * stride_h + d[None, :]
-    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(P.dtype.element_ty), mask=m)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(P.dtype.element_ty), mask=m)
+    src = Src + h * src_h + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = Dst + h * dst_h + d[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(Dst.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Dst.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -71,13 +84,10 @@ def _rotary_kernel(Q, K, Pos, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_
                    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HQ_PAD: tl.constexpr,
                    HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(Pos + t)
-    d = tl.arange(0, HALF_PAD)
-    dm = d < HALF
-    cos = tl.load(Cos + pos * stride_c + d, mask=dm, other=0.0)[None, :]
-    sin = tl.load(Sin + pos * stride_c + d, mask=dm, other=0.0)[None, :]
-    _rotate_heads(Q, stride_qt, stride_qh, t, cos, sin, d, dm, HQ, HQ_PAD, HALF)
-    _rotate_heads(K, stride_kt, stride_kh, t, cos, sin, d, dm, HK, HK_PAD, HALF)
+    cos, sin, d, dm = _cos_sin(Pos, Cos, Sin, t, stride_c, HALF, HALF_PAD)
+    q, k = Q + t * stride_qt, K + t * stride_kt
+    _rotate_heads(q, q, stride_qh, stride_qh, cos, sin, d, dm, HQ, HQ_PAD, HALF)
+    _rotate_heads(k, k, stride_kh, stride_kh, cos, sin, d, dm, HK, HK_PAD, HALF)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -99,22 +109,15 @@ def _rotary_kv_kernel(Q, K, V, KC, VC, Pos, Cos, Sin, Slots, stride_qt, stride_q
     """Token t: q rotated in place; k rotated and v copied into the paged cache at flat slot Slots[t]
     (nothing written for slot < 0: padding)."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(Pos + t)
-    d = tl.arange(0, HALF_PAD)
-    dm = d < HALF
-    cos = tl.load(Cos + pos * stride_c + d, mask=dm, other=0.0)[None, :]
-    sin = tl.load(Sin + pos * stride_c + d, mask=dm, other=0.0)[None, :]
-    _rotate_heads(Q, stride_qt, stride_qh, t, cos, sin, d, dm, HQ, HQ_PAD, HALF)
+    cos, sin, d, dm = _cos_sin(Pos, Cos, Sin, t, stride_c, HALF, HALF_PAD)
+    q = Q + t * stride_qt
+    _rotate_heads(q, q, stride_qh, stride_qh, cos, sin, d, dm, HQ, HQ_PAD, HALF)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot >= 0:
+        _rotate_heads(K + t * stride_kt, KC + slot * stride_slot, stride_kh, 2 * HALF, cos, sin, d, dm, HK,
+                      HK_PAD, HALF)
         h = tl.arange(0, HK_PAD)[:, None]
         m = (h < HK) & dm[None, :]
-        src = K + t * stride_kt + h * stride_kh + d[None, :]
-        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        dst = KC + slot * stride_slot + h * (2 * HALF) + d[None, :]
-        tl.store(dst, (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=m)
         vsrc = V + t * stride_vt + h * stride_vh + d[None, :]
         vdst = VC + slot * stride_slot + h * (2 * HALF) + d[None, :]
         tl.store(vdst, tl.load(vsrc, mask=m), mask=m)
