@@ -297,10 +297,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                              weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
                                              BLOCK_K=block_k, num_warps=warps)
     return y
-
-
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """`layer(x)`, through `gemv` for a single row on the GPU (a batch-1 decode step, its sampled row)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and layer.weight.stride(1) == 1:
-        return gemv(x.contiguous(), layer.weight, layer.bias)
-    return layer(x)

@@ -22,7 +22,9 @@ except ImportError:   # pragma: no cover - no Triton
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`layer(x)`; a single row on the GPU goes through the Triton GEMV (batch-1 decode, a sampled row)."""
-    return fused.linear(x, layer) if fused is not None else layer(x)
+    if fused is not None and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and layer.weight.stride(1) == 1:
+        return fused.gemv(x.contiguous(), layer.weight, layer.bias)
+    return layer(x)
 
 
 class RMSNorm(nn.Module):
