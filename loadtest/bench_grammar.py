@@ -4,6 +4,7 @@ in the engine beside unconstrained decoding, at batch 1 and 32.
     python -m loadtest.bench_grammar                   # CPU: compile at a 128k vocab, masks on the tiny model
     python -m loadtest.bench_grammar --parts compile   # compile only (no model is loaded)
     python -m loadtest.bench_grammar --device cuda --config llama-3.2-1b --vocab 128256
+    python -m loadtest.bench_grammar --device cuda --config llama-3.2-1b --tokenizer DIR  # a real vocabulary
 
 Compile (against a synthetic byte-level vocabulary of --compile-vocab tokens, default 128256, the
 Llama-3 size, since compile cost is token-mask work over the vocabulary; 0 = the model's own):
@@ -21,7 +22,10 @@ same lengths) vs no constraint, and the mask time per step (fill on the CPU + ap
 from the engine's own metric.
 `--vocab N` with `--config NAME` (loadtest/configs/NAME, dummy weights) uses a synthetic
 byte-level vocabulary of N tokens (the tiny tokenizer's plus concatenations of its tokens), since
-mask work grows with the vocabulary. Output: JSON (stdout and --out).
+mask work grows with the vocabulary; `--tokenizer DIR` uses a real tokenizer instead (a model's own
+tokenizer.json, or one made from llama.cpp's vocabulary files by `python -m loadtest.gguf_vocab`), for
+both parts: how much of a vocabulary needs checking at each step depends on what its tokens look like.
+Output: JSON (stdout and --out).
 """
 from __future__ import annotations
 
@@ -210,10 +214,10 @@ def bench_features(info, compiler, limits) -> dict:
     return out
 
 
-def compile_tokenizer_info(vocab: int):
-    """TokenizerInfo of the synthetic byte-level vocabulary (tokenizer and config only, no model)."""
+def compile_tokenizer_info(vocab: int, tokenizer: str | None = None):
+    """TokenizerInfo of the synthetic byte-level vocabulary, or of `tokenizer` (tokenizer and config only, no model)."""
     from services.grammar.tokenizer import tokenizer_info_from_model_dir  # noqa: PLC0415
-    return tokenizer_info_from_model_dir(synthetic_model_dir("llama-3.2-1b", vocab))
+    return tokenizer_info_from_model_dir(synthetic_model_dir("llama-3.2-1b", vocab, tokenizer))
 
 
 # ---- decoding with and without masks ------------------------------------------------------------
@@ -325,11 +329,21 @@ def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
 
 
 # ---- a synthetic large vocabulary --------------------------------------------------------------
-def synthetic_model_dir(config: str, vocab: int) -> str:
+def synthetic_model_dir(config: str, vocab: int, tokenizer: str | None = None) -> str:
     """config.json from loadtest/configs/<config> (dummy weights) + the tiny tokenizer's vocabulary
-    grown to `vocab` byte-level tokens made of concatenated tiny tokens (deterministic)."""
+    grown to `vocab` byte-level tokens made of concatenated tiny tokens (deterministic), or the real
+    tokenizer in the directory `tokenizer` (its vocabulary size wins)."""
     d = Path(tempfile.mkdtemp(prefix="grammar-bench-"))
     cfg = json.loads((CONFIGS / config / "config.json").read_text())
+    if tokenizer:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        cfg.update(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        (d / "config.json").write_text(json.dumps(cfg))
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer) / f).exists():
+                shutil.copy(Path(tokenizer) / f, d / f)
+        return str(d)
     cfg["vocab_size"] = vocab
     cfg["eos_token_id"] = cfg["bos_token_id"] = 0
     (d / "config.json").write_text(json.dumps(cfg))
@@ -357,6 +371,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default=None, help="loadtest/configs/NAME with dummy weights (else the tiny model)")
     ap.add_argument("--vocab", type=int, default=None, help="synthetic vocabulary size (with --config)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a real tokenizer's directory (tokenizer.json) for masks and compile, instead of a "
+                         "synthetic vocabulary; one from llama.cpp's vocabularies: python -m loadtest.gguf_vocab")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--compile-specs", type=int, default=30)
@@ -378,7 +395,7 @@ def main() -> None:
         tokenizer_info_from_model_dir,
     )
     model = synthetic_model_dir(a.config, a.vocab or json.loads((CONFIGS / a.config / "config.json").read_text())[
-        "vocab_size"]) if a.config else str(TINY)
+        "vocab_size"], a.tokenizer) if a.config else str(TINY)
     llm = info = None
     if "masks" in a.parts:
         from services.engine.llm import LLM  # noqa: PLC0415
@@ -386,10 +403,11 @@ def main() -> None:
                   max_num_seqs=max(a.batches), max_model_len=1024)
         eng = llm.engine
         info = tokenizer_info_from_hf(eng.tokenizer, eng.vocab_size, sorted(eng.eos_token_ids))
-    compile_info = compile_tokenizer_info(a.compile_vocab) if a.compile_vocab else \
+    compile_info = compile_tokenizer_info(a.compile_vocab, a.tokenizer) if a.compile_vocab else \
         info or tokenizer_info_from_model_dir(model)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
               "model": a.config or "tiny-target", "vocab_size": info.vocab_size if info else None,
+              "tokenizer": a.tokenizer or ("synthetic" if a.config else "tiny-target"),
               "compile_vocab_size": compile_info.vocab_size, "compile_threads": THREADS,
               "torch_threads": torch.get_num_threads(),
               # Timings on a shared machine are only as good as its idle CPU: keep the load.
