@@ -265,23 +265,17 @@ class LLMEngine:
             prev.ready.synchronize()
         values = prev.host.tolist()
         n, now = len(prev.scheduled), time.time()
-        live = [(i, s.request, self.child_to_group.get(s.request)) for i, s in enumerate(prev.scheduled)]
-        live = [x for x in live if not x[1].is_finished and x[2] is not None]   # else finished/aborted meanwhile
-        masks = None
-        if late:   # [grammar] the matchers take step n's tokens, then n+1's masks fill beside the rest below
-            from services.grammar.matcher import start_grammar_fill  # noqa: PLC0415
-            for i, req, _ in live:
-                if req.matcher is not None:
-                    req.matcher.accept_token(int(values[i]))
-            masks = start_grammar_fill([s.request for s in nxt[1]])
         touched: dict[str, RequestGroup] = {}
-        for i, req, group in live:
-            self._append(req, group, int(values[i]), values[n + i], None, now, accepted=late)
+        for i, s in enumerate(prev.scheduled):
+            req = s.request
+            group = self.child_to_group.get(req)
+            if req.is_finished or group is None:   # finished or aborted while this step ran
+                continue
+            self._append(req, group, int(values[i]), values[n + i], None, now)
             touched[group.request_id] = group
-        outputs = self._outputs(touched)
-        if late:
-            self._inflight = self._launch_sampling(*nxt, masks())
-        return outputs
+        if late:   # [grammar] the matchers have taken step n's tokens: masks for n+1, then its sampling
+            self._inflight = self._launch_sampling(*nxt)
+        return self._outputs(touched)
 
     def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
         """The forward pass of step n+1 for the requests of step n that are still running and cannot
@@ -310,9 +304,7 @@ class LLMEngine:
         return logits, scheduled
 
     def _append(self, req: Request, group: RequestGroup, token: int, chosen_lp: float,
-                logprobs: dict[int, Logprob] | None, now: float, accepted: bool = False) -> None:
-        """Add a sampled token to a request and finish it where it ends. `accepted`: its matcher
-        has taken the token already."""
+                logprobs: dict[int, Logprob] | None, now: float) -> None:
         sp = req.sampling_params
         req.append_token(token)
         self.generation_tokens_total += 1
@@ -320,7 +312,7 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.append({t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t]))
                                  for t, lp in logprobs.items()})
-        if req.matcher is not None and not accepted:
+        if req.matcher is not None:
             req.matcher.accept_token(token)
         req.metrics.first_token_time = req.metrics.first_token_time or now
         req.metrics.last_token_time = now

@@ -12,12 +12,7 @@ V_tok are masked too, so they can never be sampled under a grammar.
 """
 from __future__ import annotations
 
-import functools
-import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,74 +183,20 @@ def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
     """CPU half of a step's masking: fill the rows of requests that have a matcher (None when no
     row is constrained). Reads only matcher state, so it can run while the device computes the
     forward pass."""
-    return start_grammar_fill(requests, on_thread=False)()
-
-
-def start_grammar_fill(requests: list[Any], on_thread: bool = True) -> Callable[[], FilledMasks | None]:
-    """fill_grammar_bitmask, its batched fill (one call that leaves the GIL) on a thread of its own:
-    returns at once with a function that waits for the masks, so the caller's Python work runs
-    beside the fill. Until then no matcher of `requests` may change."""
     t0 = time.perf_counter()
     rows = [i for i, r in enumerate(requests) if r.matcher is not None]
     if not rows:
-        return lambda: None
+        return None
     vocab_size = requests[rows[0]].sampling_params.grammar.vocab_size
     bitmask = _BUFFERS.get(len(requests), vocab_size)
     live = [i for i in rows if not requests[i].matcher.is_terminated()]
-    batched = live if len(live) > 1 else []
-    job = functools.partial(_FILLER.fill, [requests[i].matcher._m for i in batched], bitmask, batched)
-    if not batched:
-        job = _no_fill
-    elif on_thread:
-        job = _FILL_THREAD.submit(job)
-    prep_s = time.perf_counter() - t0
-
-    def finish() -> FilledMasks:
-        fill_s = job.result() if on_thread and batched else job()
-        t1, in_batch = time.perf_counter(), set(batched)
-        for i in rows:
-            if i not in in_batch:   # a lone row, or a finished grammar (its mask: EOS only)
-                requests[i].matcher.fill_next_token_bitmask(bitmask, i)
-        return FilledMasks(bitmask, rows, vocab_size, prep_s + fill_s + time.perf_counter() - t1)
-    return finish
-
-
-def _no_fill() -> float:
-    return 0.0
-
-
-class _FillThread:
-    """One worker thread for start_grammar_fill. The worker needs the GIL twice a fill (to start
-    the call and to hand back its result) while the engine thread runs Python; CPython makes a
-    running thread yield it only every switch interval (5 ms by default), longer than a whole
-    step, so the interval is shortened while a fill is out."""
-
-    SWITCH_S = 5e-5
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._out, self._interval = 0, sys.getswitchinterval()
-
-    def submit(self, job: Callable[[], float]) -> Future:
-        with self._lock:
-            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
-            if self._out == 0:
-                self._interval = sys.getswitchinterval()
-                sys.setswitchinterval(self.SWITCH_S)
-            self._out += 1
-        future = self._pool.submit(job)
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, _future: Future) -> None:
-        with self._lock:
-            self._out -= 1
-            if self._out == 0:
-                sys.setswitchinterval(self._interval)
-
-
-_FILL_THREAD = _FillThread()
+    if len(live) > 1:
+        _FILLER.fill([requests[i].matcher._m for i in live], bitmask, live)
+    batched = set(live) if len(live) > 1 else set()
+    for i in rows:
+        if i not in batched:
+            requests[i].matcher.fill_next_token_bitmask(bitmask, i)
+    return FilledMasks(bitmask, rows, vocab_size, time.perf_counter() - t0)
 
 
 class _BatchFiller:
@@ -273,19 +214,17 @@ class _BatchFiller:
         self._one = self._pool = None
         self.row_s, self.fills = 0.0, 0
 
-    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> float:
-        """Fill `rows` of `bitmask` from `matchers`; returns the seconds it took."""
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
         self.fills += 1
-        t0 = time.perf_counter()
         if self.row_s * len(rows) > self.POOL_ABOVE_S and self.fills % self.RECHECK:
             self._pool = self._pool or xgr.BatchGrammarMatcher("auto")
             self._pool.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-            return time.perf_counter() - t0
+            return
         self._one = self._one or xgr.BatchGrammarMatcher(1)
+        t0 = time.perf_counter()
         self._one.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        took = time.perf_counter() - t0
-        self.row_s = 0.8 * self.row_s + 0.2 * took / len(rows) if self.row_s else took / len(rows)
-        return took
+        row_s = (time.perf_counter() - t0) / len(rows)
+        self.row_s = 0.8 * self.row_s + 0.2 * row_s if self.row_s else row_s
 
 
 _FILLER = _BatchFiller()
