@@ -191,7 +191,9 @@ def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
     bitmask = _BUFFERS.get(len(requests), vocab_size)
     live = [i for i in rows if not requests[i].matcher.is_terminated()]
     if len(live) > 1:
-        _FILLER.fill([requests[i].matcher._m for i in live], bitmask, live)
+        # xgrammar fills the rows on its own threads (outside the GIL): at batch 32 this is the
+        # difference between hiding behind the forward pass and not.
+        _batch_matcher().batch_fill_next_token_bitmask([requests[i].matcher._m for i in live], bitmask, live)
     batched = set(live) if len(live) > 1 else set()
     for i in rows:
         if i not in batched:
@@ -199,35 +201,14 @@ def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
     return FilledMasks(bitmask, rows, vocab_size, time.perf_counter() - t0)
 
 
-class _BatchFiller:
-    """xgrammar's batch fill (outside the GIL) on one thread or on its thread pool, whichever the
-    rows call for. With a real 128k vocabulary a JSON row takes ~20 us and waking the pool costs
-    more than it saves (Llama-3's vocabulary, 32 rows on an H100 host: 0.54 ms on one thread, 0.8-2.3
-    on 2-16); where rows need much checking (100+ us each) the pool divides the time. So: the
-    one-thread cost of a row is measured (a moving average, re-measured every RECHECK fills) and
-    the pool fills a batch that would take over POOL_ABOVE_S on one thread."""
-
-    POOL_ABOVE_S = 1.5e-3
-    RECHECK = 64
-
-    def __init__(self) -> None:
-        self._one = self._pool = None
-        self.row_s, self.fills = 0.0, 0
-
-    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-        self.fills += 1
-        if self.row_s * len(rows) > self.POOL_ABOVE_S and self.fills % self.RECHECK:
-            self._pool = self._pool or xgr.BatchGrammarMatcher("auto")
-            self._pool.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-            return
-        self._one = self._one or xgr.BatchGrammarMatcher(1)
-        t0 = time.perf_counter()
-        self._one.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        row_s = (time.perf_counter() - t0) / len(rows)
-        self.row_s = 0.8 * self.row_s + 0.2 * row_s if self.row_s else row_s
+_BATCH: xgr.BatchGrammarMatcher | None = None
 
 
-_FILLER = _BatchFiller()
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    global _BATCH
+    if _BATCH is None:
+        _BATCH = xgr.BatchGrammarMatcher("auto")
+    return _BATCH
 
 
 def apply_grammar_masks(logits: torch.Tensor, requests: list[Any], filled: FilledMasks | None = None) -> None:

@@ -127,24 +127,3 @@ def test_handles_survive_serialization(info):
     m = h.new_matcher()
     assert m._m.accept_string("2024-01-31") and m.is_completed()
     assert h.tokenizer_fingerprint and "vocab_size=53" in repr(h)
-
-
-@pytest.mark.parametrize("pool_above_s", [0.0, 1.0])
-def test_batch_filler_fills_what_each_matcher_fills(info, pool_above_s):
-    # One thread or xgrammar's pool (chosen by the measured cost of a row): the same masks as a
-    # row at a time, including when the pool takes over after the first (measured) fill.
-    from services.grammar.matcher import _BatchFiller
-    h = handle(info, GrammarSpec.regex("(a|b)+(yes|no)"))
-    matchers = [h.new_matcher() for _ in range(5)]
-    for i, m in enumerate(matchers):
-        for t in [A, B, AB][:i % 3 + 1]:
-            assert m.accept_token(t)
-    filler = _BatchFiller()
-    filler.POOL_ABOVE_S = pool_above_s
-    for _ in range(3):
-        batched, single = allocate_token_bitmask(5, h.vocab_size), allocate_token_bitmask(5, h.vocab_size)
-        filler.fill([m._m for m in matchers], batched, list(range(5)))
-        for i, m in enumerate(matchers):
-            m.fill_next_token_bitmask(single, i)
-        assert torch.equal(batched, single)
-    assert filler.row_s > 0 and (filler._pool is not None) == (pool_above_s == 0.0)
