@@ -339,14 +339,20 @@ def synthetic_model_dir(config: str, vocab: int, tokenizer: str | None = None) -
         from transformers import AutoTokenizer  # noqa: PLC0415
         tok = AutoTokenizer.from_pretrained(tokenizer)
         cfg.update(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        (d / "config.json").write_text(json.dumps(cfg))
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(tokenizer) / f).exists():
-                shutil.copy(Path(tokenizer) / f, d / f)
-        return str(d)
-    cfg["vocab_size"] = vocab
-    cfg["eos_token_id"] = cfg["bos_token_id"] = 0
+        src = Path(tokenizer)
+    else:
+        cfg.update(vocab_size=vocab, eos_token_id=0, bos_token_id=0)
+        (d / "tokenizer.json").write_text(json.dumps(_grown_tiny_tokenizer(vocab)))
+        src = TINY
     (d / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).exists() and not (d / f).exists():
+            shutil.copy(src / f, d / f)
+    return str(d)
+
+
+def _grown_tiny_tokenizer(vocab: int) -> dict:
+    """The tiny tokenizer.json with its vocabulary grown to `vocab` tokens of concatenated tiny tokens."""
     tok = json.loads((TINY / "tokenizer.json").read_text())
     base = list(tok["model"]["vocab"])
     rng, seen = random.Random(0), set(tok["model"]["vocab"])
@@ -359,11 +365,7 @@ def synthetic_model_dir(config: str, vocab: int, tokenizer: str | None = None) -
     # Added (special) tokens go after the grown vocabulary, ids stay dense.
     for i, a in enumerate(tok.get("added_tokens", [])):
         a["id"] = len(seen) + i if a["id"] >= len(base) else a["id"]
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    for f in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (TINY / f).exists():
-            shutil.copy(TINY / f, d / f)
-    return str(d)
+    return tok
 
 
 def main() -> None:
