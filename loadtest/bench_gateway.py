@@ -5,7 +5,8 @@ Three measurements, side by side:
      interleaved with the same engine behind the Gateway's code in this process (no Ray), which
      is what our own code (auth, parsing, tokenizing, formatting) adds;
   2. the stack (LocalStack: Ray, Serve proxies, Gateway, LLMServer with the same engine config),
-     per request over gRPC streaming and over REST SSE: client send → first token message.
+     per request over gRPC streaming and over REST SSE through Serve's ingress, and over gRPC on
+     the gateway replica's own port (INFER_DIRECT_GRPC_PORT): client send → first token message.
      Each stack request also reports the engine's own arrival → first-token time (timing.queue_s +
      timing.prefill_s), so the overhead is paired per request: client TTFT − engine TTFT.
      Three stacks run at once, each in a process (and a Ray) of its own: one with Ray Serve's
@@ -39,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MODES = ("ray_defaults", "stack", "colocated")
+STREAMS = ("grpc", "rest", "grpc_direct")   # gRPC through Serve, REST, gRPC on the gateway replica's own port
 
 
 def _q(xs: list[float]) -> dict[str, float]:
@@ -134,7 +136,8 @@ def engine_alone(engine_args: dict[str, Any], n: int, max_tokens: int) -> dict[s
         server.shutdown()
 
 
-def _probes(grpc_target: str, http_url: str, model_name: str, key: str, max_tokens: int) -> dict[str, Any]:
+def _probes(grpc_target: str, http_url: str, direct_target: str, model_name: str, key: str,
+            max_tokens: int) -> dict[str, Any]:
     """name -> a call to one stack: the stream calls return (client TTFT, engine TTFT), the hops a time."""
     import grpc
     import httpx
@@ -143,10 +146,11 @@ def _probes(grpc_target: str, http_url: str, model_name: str, key: str, max_toke
     from services.gen.inference.v1 import inference_pb2_grpc as pbg
 
     stub = pbg.InferenceStub(grpc.insecure_channel(grpc_target))
+    direct = pbg.InferenceStub(grpc.insecure_channel(direct_target))
     md = [("authorization", f"Bearer {key}")]
     req = pb.GenerateRequest(model=model_name, prompt=PROMPT, max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
-    def grpc_one() -> tuple[float, float]:
+    def grpc_one(stub=stub) -> tuple[float, float]:
         t0 = time.perf_counter()
         ttft = None
         for msg in stub.GenerateStream(req, metadata=md):
@@ -182,18 +186,20 @@ def _probes(grpc_target: str, http_url: str, model_name: str, key: str, max_toke
         return call
 
     # Ray Serve's own cost per hop, with no engine work: proxy → gateway (ListModels, /health) and
-    # proxy → gateway → LLM replica (/ready).
+    # proxy → gateway → LLM replica (/ready); the gateway replica's own gRPC port (ListModels).
     return {"grpc_proxy_gateway": timed(lambda: stub.ListModels(pb.ListModelsRequest(), metadata=md)),
             "rest_proxy_gateway": timed(lambda: http.get("/health")),
             "rest_proxy_gateway_replica": timed(lambda: http.get("/ready")),
-            "grpc": grpc_one, "rest": rest_one}
+            "grpc_direct_gateway": timed(lambda: direct.ListModels(pb.ListModelsRequest(), metadata=md)),
+            "grpc": grpc_one, "rest": rest_one, "grpc_direct": lambda: grpc_one(direct)}
 
 
-def through_stacks(targets: dict[str, tuple[str, str]], model_name: str, key: str, n: int,
+def through_stacks(targets: dict[str, tuple[str, str, str]], model_name: str, key: str, n: int,
                    max_tokens: int) -> dict[str, dict[str, Any]]:
-    """Per stack (name -> (grpc target, http url)): hop times and (client, engine) TTFTs. Requests
-    alternate between the stacks in a random order, so load from elsewhere hits them alike."""
-    probes = {name: _probes(g, h, model_name, key, max_tokens) for name, (g, h) in targets.items()}
+    """Per stack (name -> (grpc target, http url, direct gRPC target)): hop times and (client, engine)
+    TTFTs. Requests alternate between the stacks in a random order, so load from elsewhere hits them
+    alike."""
+    probes = {name: _probes(*t, model_name, key, max_tokens) for name, t in targets.items()}
     out: dict[str, dict[str, Any]] = {name: {"hops": {}} for name in targets}
     rng = random.Random(0)
     for kind in next(iter(probes.values())):
@@ -205,7 +211,7 @@ def through_stacks(targets: dict[str, tuple[str, str]], model_name: str, key: st
             for name in rng.sample(list(targets), len(targets)):
                 results[name].append(probes[name][kind]())
         for name, xs in results.items():
-            if kind in ("grpc", "rest"):
+            if kind in STREAMS:
                 client, engine = zip(*xs)
                 out[name][kind] = {"client": list(client), "engine": list(engine)}
             else:
@@ -246,11 +252,12 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "bench"}]}))
     # Every mode at once, each stack in a process (and Ray) of its own, started one by one.
     children: dict[str, subprocess.Popen] = {}
-    targets: dict[str, tuple[str, str]] = {}
+    targets: dict[str, tuple[str, str, str]] = {}
     try:
         for mode in MODES:
-            http_port, grpc_port = free_port(), free_port()
+            http_port, grpc_port, direct_port = free_port(), free_port(), free_port()
             args = {"model": model, "http_port": http_port, "grpc_port": grpc_port, "host": "127.0.0.1",
+                    "direct_grpc_port": direct_port,
                     "api_keys_file": str(keys), **{f"engine_{k}": v for k, v in engine_args.items()}}
             child = children[mode] = subprocess.Popen(
                 [sys.executable, "-m", "loadtest.bench_gateway", "--serve-child", mode, "--child-config",
@@ -262,7 +269,7 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
                     break
             else:
                 raise RuntimeError(f"the {mode} stack did not start (exit {child.wait()})")
-            targets[mode] = (f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+            targets[mode] = (f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", f"127.0.0.1:{direct_port}")
         via_by_env = through_stacks(targets, StackConfig.from_args(args).model_name, key, requests, max_tokens)
     finally:
         for child in children.values():
@@ -303,7 +310,7 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
         result[mode] = stack_figures(via_by_env[mode])
         result[f"stack_minus_{mode}_added_ttft_median_ms"] = {
             name: round(result[name]["added_ttft_paired"]["median_ms"]
-                        - result[mode][name]["added_ttft_paired"]["median_ms"], 3) for name in ("grpc", "rest")}
+                        - result[mode][name]["added_ttft_paired"]["median_ms"], 3) for name in STREAMS}
     return result
 
 

@@ -27,7 +27,16 @@ GRPC_SERVICER_FUNCTIONS = [
 DRAIN_TIMEOUT_S = 30.0
 
 
-class ColocatedGateway(Gateway):
+class ServedGateway(Gateway):
+    """The Gateway as a Serve replica. Serve awaits `__del__` once it has drained the requests it
+    routed; the direct gRPC port (INFER_DIRECT_GRPC_PORT) then refuses new calls and lets its calls
+    in flight finish."""
+
+    async def __del__(self) -> None:
+        await self.stop_direct(DRAIN_TIMEOUT_S)
+
+
+class ColocatedGateway(ServedGateway):
     """A replica that is the gateway and an LLMServer at once: requests reach the engine in-process,
     with no Serve handle hop (the TTFT that hop costs: README, Benchmarks). Serve's health check,
     autoscaling on ongoing requests and draining act on this one deployment."""
@@ -40,7 +49,8 @@ class ColocatedGateway(Gateway):
     def check_health(self) -> None:
         self.llm_server.check_health()
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        await super().__del__()
         if hasattr(self, "llm_server"):
             self.llm_server.__del__()
 
@@ -93,7 +103,7 @@ def build_app_from_config(cfg: StackConfig, engine_cls: Any = DEFAULT_ENGINE) ->
             cfg, engine_cls, grammar_handle=grammar, draft_handle=draft)
     llm = serve.deployment(LLMServer).options(**llm_deployment_options(cfg)).bind(
         cfg, engine_cls, grammar_handle=grammar, draft_handle=draft)
-    gateway = serve.deployment(serve.ingress(rest_app)(Gateway)).options(
+    gateway = serve.deployment(serve.ingress(rest_app)(ServedGateway)).options(
         name="Gateway", num_replicas=cfg.gateway_replicas,
         ray_actor_options={"num_cpus": cfg.gateway_num_cpus},
         max_ongoing_requests=1000,     # it only awaits; the LLM replicas hold the real limits

@@ -45,6 +45,9 @@ class StackConfig:
     # routing). "colocated": each LLM replica is also the gateway (one deployment, no handle hop;
     # HAProxy balances over the replicas; a replica's missing prefix comes from the Redis KV tier).
     gateway_mode: str = "separate"
+    # A port on which every gateway replica also serves gRPC itself, past HAProxy and Serve's request
+    # path (services/gateway/direct.py); replicas on one host take the next free ones. 0 = off.
+    direct_grpc_port: int = 0
     grammar_replicas: int = 1
     grammar_workers: int = 1            # compile worker processes per GrammarService (or LLM) replica
     grammar_compile_threads: int = 1    # xgrammar threads per compile
@@ -80,6 +83,7 @@ class StackConfig:
         need(self.llm_num_gpus >= 0, "llm_num_gpus", ">= 0")
         need(self.llm_target_ongoing_requests >= 1, "llm_target_ongoing_requests", ">= 1")
         need(self.llm_max_queued_requests >= 0, "llm_max_queued_requests", ">= 0")
+        need(0 <= self.direct_grpc_port < 65536, "direct_grpc_port", "0 (off) or a TCP port in [1, 65535]")
         need(self.gateway_replicas >= 1, "gateway_replicas", ">= 1")
         need(self.gateway_mode in GATEWAY_MODES, "gateway_mode", " or ".join(map(repr, GATEWAY_MODES)))
         need(self.grammar_replicas >= 0, "grammar_replicas", ">= 0")

@@ -246,11 +246,13 @@ def banner(stack: LocalStack, key: str | None) -> str:
     auth = f' -H "Authorization: Bearer {key}"' if key else ""
     md = f'("authorization", "Bearer {key}")' if key else ""
     model = stack.cfg.model_name
+    port = stack.cfg.direct_grpc_port
+    direct = f"  gRPC  127.0.0.1:{port}+   (each gateway replica's own port, past Serve's ingress)\n" if port else ""
     return f"""
 inference stack is up (model {model!r}, Redis {stack.cfg.redis_url or 'off'})
   REST  {stack.http_url}/v1   (OpenAI API; /health /ready /metrics)
   gRPC  {stack.grpc_target}   (inference.v1.Inference, grpc.health.v1.Health)
-{f"  API key  {key}" if key else "  auth disabled"}
+{direct}{f"  API key  {key}" if key else "  auth disabled"}
 
 curl {stack.http_url}/v1/completions -H "Content-Type: application/json"{auth} \\
   -d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 16}}'

@@ -3,12 +3,16 @@ inference.v1.Inference + grpc.health.v1.Health servicer (Serve's gRPC proxy call
 like the RPCs). `services.app` wraps it with `serve.ingress(app)` and `serve.deployment`; tests
 may construct it directly with a `LocalLLMClient`.
 
+With INFER_DIRECT_GRPC_PORT set, each replica also serves the gRPC methods on a port of its own
+(`services.gateway.direct`).
+
 Open routes: /health (liveness), /ready (a replica answers and its engine is healthy), /metrics.
 Everything under /v1 needs an API key. Each request opens a `gateway.*` span (child of the
 caller's W3C context) whose context travels to the replica inside the ReplicaRequest.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -22,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.config import StackConfig
 from services.gateway import grpc_api, rest
 from services.gateway.auth import Authenticator
+from services.gateway.direct import DirectGrpc
 from services.gateway.errors import APIError
 from services.gateway.health import HealthMixin
 from services.gateway.protocol import parse_chat, parse_completion
@@ -95,6 +100,14 @@ class Gateway(HealthMixin):
         auth = Authenticator.from_file(config.api_keys_file, disabled=config.auth_disabled)
         self.service = GatewayService(config, client, tokenizer, auth, vocab, max_len)
         self.config = config
+        self.direct: DirectGrpc | None = None
+        if config.direct_grpc_port:   # in a Serve replica: __init__ runs on the replica's event loop
+            self.direct = DirectGrpc(self, config.host, config.direct_grpc_port)
+            self._direct_start = asyncio.get_running_loop().create_task(self.direct.start())
+
+    async def stop_direct(self, grace_s: float) -> None:
+        if self.direct is not None:
+            await self.direct.stop(grace_s)
 
     # ---- REST ---------------------------------------------------------------------------------
     async def health(self) -> Response:

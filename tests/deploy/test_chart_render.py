@@ -20,6 +20,7 @@ SCENARIOS = {"defaults": {}} | {p.stem: load_values(p) for p in EXAMPLES} | {
         "apiKeys": {"keys": [{"key": "k-0123456789", "tenant": "t", "rate_limit_tokens_per_s": 10, "burst": 20}]},
         "imagePullSecrets": [{"name": "regcred"}],
         "otel": {"collector": {"replicas": 2}},
+        "serve": {"gateway": {"mode": "colocated", "directGrpcPort": 9100}},
     },
     "everything-off": {
         "redis": {"enabled": False, "externalUrl": "redis://cache.example:6379/0"},
@@ -177,3 +178,18 @@ def test_gateway_service_selects_serving_ray_pods():
     sel = svc["spec"]["selector"]
     assert sel["ray.io/serve"] == "true" and sel["app.kubernetes.io/component"] == "ray"
     assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 9000}
+
+
+def test_direct_grpc_port_opens_a_headless_service():
+    ms = RENDERED["everything-on"]
+    [svc] = [d for d in by_kind(ms, "Service") if d["metadata"]["name"] == "inference-stack-grpc-direct"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"]["ray.io/serve"] == "true"
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(9100, "grpc-direct")]
+    [rs] = by_kind(ms, "RayService")
+    for group, tmpl in ray_pod_templates(rs):
+        ports = {p["name"]: p["containerPort"] for c in tmpl["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports["grpc-direct"] == 9100, group
+    assert 'direct_grpc_port: "9100"' in rs["spec"]["serveConfigV2"]
+    [ray] = [d["spec"] for d in by_kind(ms, "NetworkPolicy") if d["metadata"]["name"] == "inference-stack-ray"]
+    assert 9100 in {p["port"] for rule in ray["ingress"] for p in rule.get("ports", [])}
+    assert not [d for d in by_kind(RENDERED["defaults"], "Service") if d["metadata"]["name"].endswith("grpc-direct")]

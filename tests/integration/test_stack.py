@@ -4,7 +4,8 @@ Clients: the official `openai` package and the generated gRPC stubs.
 
 Checks: unary/streaming chat and completions agree with each other (same seed) and with the
 offline LLM API; n > 1; stop strings; logprobs; cancel and deadline abort in the engine (running
-count and KV usage back to baseline); auth on every route of both surfaces; 429 + Retry-After.
+count and KV usage back to baseline); auth on every route of both surfaces; 429 + Retry-After; the
+gateway replica's own gRPC port (INFER_DIRECT_GRPC_PORT) answers like Serve's.
 """
 import json
 import os
@@ -45,6 +46,7 @@ def stack(model_dir, redis_url, tmp_path_factory):
     cfg = StackConfig.from_args({
         "model": model_dir, "model_name": MODEL, "host": "127.0.0.1", "http_port": free_port(), "grpc_port": free_port(),
         "redis_url": redis_url, "api_keys_file": str(keys), "llm_max_queued_requests": 16,
+        "direct_grpc_port": free_port(),
         "engine_max_num_seqs": 8, "engine_max_model_len": 1024,
         "engine_num_kv_blocks": 256})
     stack = LocalStack(cfg, num_cpus=2, log_to_driver=False).start()
@@ -253,6 +255,39 @@ def test_bad_input_and_metrics(stack, oai):
                  "inference_kv_cache_usage_ratio", "inference_prefix_cache_hits_total",
                  "inference_generation_tokens_total"):
         assert name in text, name
+
+
+def test_direct_grpc_port_answers_like_serve(stack, stub):
+    direct = grpc.insecure_channel(f"127.0.0.1:{stack.cfg.direct_grpc_port}")
+    dstub = pbg.InferenceStub(direct)
+    req = pb.GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    want = stub.Generate(req, metadata=MD).choices[0].text
+    assert dstub.Generate(req, metadata=MD).choices[0].text == want
+    assert "".join(c.text for m in dstub.GenerateStream(req, metadata=MD) for c in m.choices) == want
+    creq = pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content="hi")], max_tokens=6,
+                          temperature=0)
+    assert "".join(c.message.content for m in dstub.ChatStream(creq, metadata=MD) for c in m.choices) == \
+        stub.Chat(creq, metadata=MD).choices[0].message.content
+    assert [m.id for m in dstub.ListModels(pb.ListModelsRequest(), metadata=MD).models] == [MODEL]
+    health = health_pb2_grpc.HealthStub(direct)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    # Errors keep their status and message, streams included; no key is refused on every method.
+    with pytest.raises(grpc.RpcError) as ei:
+        list(dstub.GenerateStream(pb.GenerateRequest(model=MODEL, prompt="x", top_p=2.0), metadata=MD))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in ei.value.details()
+    for fn, r in [(dstub.Generate, req), (dstub.Chat, creq), (dstub.ListModels, pb.ListModelsRequest()),
+                  (lambda r, **kw: list(dstub.GenerateStream(r, **kw)), req),
+                  (lambda r, **kw: list(dstub.ChatStream(r, **kw)), creq)]:
+        with pytest.raises(grpc.RpcError) as ei:
+            fn(r, metadata=[("authorization", "Bearer wrong")])
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A cancelled stream aborts in the engine, as through Serve.
+    base = settle(stack, {})
+    call = dstub.GenerateStream(pb.GenerateRequest(**LONG), metadata=MD)
+    next(call)
+    call.cancel()
+    after = settle(stack, base)
+    assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
 
 
 def test_structured_output_choice_regex_and_bad_grammar(oai, stub):

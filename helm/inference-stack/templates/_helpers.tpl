@@ -104,6 +104,7 @@ Integers go through `int64`: Helm parses YAML numbers as float64 and would print
   "gateway_replicas" ($v.serve.gateway.replicas | int64 | toString)
   "gateway_mode" $v.serve.gateway.mode
   "gateway_num_cpus" ($v.serve.gateway.numCpus | toString)
+  "direct_grpc_port" ($v.serve.gateway.directGrpcPort | int64 | toString)
   "grammar_replicas" ($v.serve.grammar.replicas | int64 | toString)
   "grammar_workers" ($v.serve.grammar.workers | int64 | toString)
   "grammar_compile_threads" ($v.serve.grammar.compileThreads | int64 | toString)

@@ -1,0 +1,84 @@
+"""A gateway replica's own gRPC port (INFER_DIRECT_GRPC_PORT): inference.v1.Inference and
+grpc.health.v1 served by the replica itself on grpc.aio, beside Serve's ingress.
+
+Through Serve a call crosses HAProxy and Serve's request wrapping in the replica; here the client's
+HTTP/2 stream lands on the replica's event loop and goes straight to the Gateway's methods: the same
+auth, validation, tracing, metrics and errors (README, Benchmarks: what each path adds to TTFT).
+Clients balance over replicas themselves (a headless Service and gRPC's round_robin in Kubernetes).
+
+Replicas sharing a host take the first free port of [port, port + PORT_SPAN). Serve's autoscaling
+counts only the requests that Serve routes: with every client on this port, scale on a fixed
+replica count (or on the engine metrics) instead.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from services.gateway.grpc_api import StreamError
+from services.gen.inference.v1 import inference_pb2_grpc as pbg
+
+PORT_SPAN = 16
+logger = logging.getLogger(__name__)
+
+
+class _Servicer(pbg.InferenceServicer, health_pb2_grpc.HealthServicer):
+    """The Gateway's RPC methods as grpc.aio handlers. A stream that fails after its first message
+    raises StreamError with the status already set on the context: grpc.aio would replace the
+    details with the exception's text, so the stream just ends and the set status goes out."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.g = gateway
+        self.Generate, self.Chat, self.ListModels, self.Check = (gateway.Generate, gateway.Chat,
+                                                                 gateway.ListModels, gateway.Check)
+
+    # Async generator functions themselves: grpc.aio tells a streaming handler by its function type.
+    async def GenerateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for out in self.g.GenerateStream(request, context):
+                yield out
+        except StreamError:
+            return
+
+    async def ChatStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for out in self.g.ChatStream(request, context):
+                yield out
+        except StreamError:
+            return
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for out in self.g.Watch(request, context):
+            yield out
+
+
+class DirectGrpc:
+    """One grpc.aio server for one gateway replica: bound at construction (so a port clash fails
+    the replica's start), started and stopped on the replica's event loop."""
+
+    def __init__(self, gateway: Any, host: str, port: int) -> None:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])   # never share a port
+        servicer = _Servicer(gateway)
+        pbg.add_InferenceServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, self.server)
+        self.port = 0
+        for p in range(port, min(port + PORT_SPAN, 65536)):
+            try:
+                self.port = self.server.add_insecure_port(f"{host}:{p}")
+                break
+            except RuntimeError:   # taken (another replica on this host)
+                continue
+        if not self.port:
+            raise RuntimeError(f"INFER_DIRECT_GRPC_PORT: no free port in [{port}, {port + PORT_SPAN}) on {host}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        logger.info("direct gRPC on port %d", self.port)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls at once; calls in flight get `grace_s` to finish, then are cancelled."""
+        await self.server.stop(grace_s)
