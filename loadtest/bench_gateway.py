@@ -314,23 +314,61 @@ def run(model: str, requests: int = 40, max_tokens: int = 4) -> dict[str, Any]:
     return result
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    """Bars: median TTFT added, net of the engine's pickup, per stack and path; a dot per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loadtest.plots import _save
+
+    modes = {"ray_defaults": "Ray defaults", "stack": "separate", "colocated": "colocated"}
+    paths = {"grpc": "gRPC (Serve)", "rest": "REST (Serve)", "grpc_direct": "gRPC (own port)"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(paths)
+    for j, (kind, label) in enumerate(paths.items()):
+        xs = [i + (j - 1) * width for i in range(len(modes))]
+        runs = [[(r if m == "stack" else r[m])[kind]["added_ttft_paired_net_of_engine_pickup_median_ms"]
+                 for r in results] for m in modes]
+        ax.bar(xs, [statistics.median(v) for v in runs], width, label=label)
+        for x, v in zip(xs, runs):
+            ax.plot([x] * len(v), v, "k.", markersize=4)
+    ax.axhline(2.0, color="red", linestyle="--", linewidth=1, label="goal: 2 ms")
+    ax.set_xticks(range(len(modes)), list(modes.values()))
+    ax.set_ylabel("TTFT added over the engine alone, median ms")
+    cpus = results[0]["machine"]["cpus"]
+    ax.set_title(f"Gateway + Ray Serve overhead ({cpus} CPUs, {len(results)} run(s) of {results[0]['requests']})")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([1, 2, 5, 10, 20, 50])
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "tiny-target"))
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=4)
-    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--out", help="also write the JSON here, and a PNG beside it")
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the PNG (--out) from earlier runs' JSON")
     ap.add_argument("--serve-child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--child-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.serve_child:
         return serve_child(args.serve_child, args.child_config)
+    if args.plot:
+        print(plot([json.loads(Path(p).read_text()) for p in args.plot], Path(args.out)))
+        return 0
     result = run(args.model, args.requests, args.max_tokens)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+        plot([result], Path(args.out).with_suffix(".png"))
     return 0
 
 
