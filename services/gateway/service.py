@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,12 +88,28 @@ def model_limits(model_dir: str, max_model_len: int | None) -> tuple[int, int]:
     return vocab, int(max_model_len or cfg.get("max_position_embeddings") or 2048)
 
 
+def fast_encoder(tokenizer: Any) -> Callable[..., list[int]]:
+    """`encode(text, add_special_tokens=True) -> ids`. For a Hugging Face fast tokenizer, its Rust
+    tokenizer called directly (a copy, with no truncation or padding, as the wrapper calls it): the
+    same ids, and about a third of the time for a short prompt, whose cost is mostly the wrapper's
+    Python. Other tokenizers through their own `encode`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda text, add_special_tokens=True: list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    from tokenizers import Tokenizer
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    return lambda text, add_special_tokens=True: own.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 class GatewayService:
     def __init__(self, config: StackConfig, llm: LLMClient, tokenizer: Any, auth: Authenticator,
                  vocab_size: int, max_model_len: int) -> None:
         self.config = config
         self.llm = llm
         self.tokenizer = tokenizer
+        self.encode = fast_encoder(tokenizer)
         self.auth = auth
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -116,7 +132,7 @@ class GatewayService:
                                                           tokenize=False)
             except Exception as e:   # template errors (e.g. roles out of order) are the caller's to fix
                 raise invalid(f"The chat template rejected the messages: {e}", "messages") from None
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            ids = self.encode(text, add_special_tokens=False)
         elif parsed.prompt_token_ids is not None:
             ids = parsed.prompt_token_ids
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -124,7 +140,7 @@ class GatewayService:
                 raise invalid(f"'prompt_token_ids' must be token ids in [0, {self.vocab_size}), got {bad}",
                               "prompt_token_ids")
         else:
-            ids = list(self.tokenizer.encode(text))
+            ids = self.encode(text)
         self._check_lengths(parsed, ids)
         max_new = parsed.sampling.get("max_tokens") or (self.max_model_len - len(ids))
         self.auth.charge(tenant, len(ids) + max_new * parsed.n)

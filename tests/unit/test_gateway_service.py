@@ -202,3 +202,15 @@ async def test_stream_refusal_raises_after_setting_the_code(stack):
     with pytest.raises(StreamError):
         [m async for m in gw.ChatStream(pb.ChatRequest(model="tiny"), ctx)]
     assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_fast_encoder_gives_the_tokenizers_own_ids(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from services.gateway.service import fast_encoder
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encode = fast_encoder(tok)
+    for text in ["The quick brown fox", "", " leading space", "héllo wörld 🤖\n\n  code:\tx=1", "word " * 2000]:
+        for special in (True, False):
+            assert encode(text, add_special_tokens=special) == tok.encode(text, add_special_tokens=special)
+    assert fast_encoder(FakeTokenizer())("ab") == [97, 98]
