@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class _Servicer(pbg.InferenceServicer, health_pb2_grpc.HealthServicer):
-    """The Gateway's RPC methods as grpc.aio handlers. A stream that fails after its first message
-    raises StreamError with the status already set on the context: grpc.aio would replace the
-    details with the exception's text, so the stream just ends and the set status goes out."""
+    """The Gateway's RPC methods as grpc.aio handlers. A refused stream raises StreamError with the
+    status already set on the context (what Serve's proxy needs); grpc.aio would replace the details
+    with the exception's text, so here the stream just ends and the status set goes out."""
 
     def __init__(self, gateway: Any) -> None:
         self.g = gateway
