@@ -27,13 +27,30 @@ GRPC_SERVICER_FUNCTIONS = [
 DRAIN_TIMEOUT_S = 30.0
 
 
+# The custom autoscaling metric: calls in flight on a replica's own gRPC port (INFER_DIRECT_GRPC_PORT).
+DIRECT_ONGOING = "direct_ongoing_requests"
+
+
+def autoscaling_policy(ctx: Any) -> tuple[float, dict]:
+    """Serve's default policy (ongoing requests per replica against the target) over the requests
+    Serve routed plus the calls in flight on the replicas' own gRPC ports, which Serve never sees.
+    Serve applies the min/max bounds and the up/down-scale delays around it as for its own."""
+    from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
+    direct = sum((ctx.aggregated_metrics or {}).get(DIRECT_ONGOING, {}).values())
+    ctx.__dict__["total_num_requests"] = ctx.total_num_requests + direct   # overrides the cached_property
+    return replica_queue_length_autoscaling_policy(ctx)
+
+
 class ServedGateway(Gateway):
     """The Gateway as a Serve replica. Serve awaits `__del__` once it has drained the requests it
     routed; the direct gRPC port (INFER_DIRECT_GRPC_PORT) then refuses new calls and lets its calls
-    in flight finish."""
+    in flight finish. Serve polls `record_autoscaling_stats` for `autoscaling_policy`."""
 
     async def __del__(self) -> None:
         await self.stop_direct(DRAIN_TIMEOUT_S)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {DIRECT_ONGOING: float(self.direct.ongoing if self.direct is not None else 0)}
 
 
 class ColocatedGateway(ServedGateway):
@@ -72,6 +89,8 @@ def llm_deployment_options(cfg: StackConfig) -> dict[str, Any]:
         opts["autoscaling_config"] = {"min_replicas": cfg.llm_min_replicas,
                                       "max_replicas": cfg.llm_max_replicas,
                                       "target_ongoing_requests": cfg.llm_target_ongoing_requests}
+        if cfg.direct_grpc_port and cfg.gateway_mode == "colocated":   # these replicas take direct calls
+            opts["autoscaling_config"]["policy"] = {"policy_function": "services.app:autoscaling_policy"}
     else:
         opts["num_replicas"] = cfg.llm_max_replicas
     if cfg.redis_url:

@@ -6,14 +6,15 @@ HTTP/2 stream lands on the replica's event loop and goes straight to the Gateway
 auth, validation, tracing, metrics and errors (README, Benchmarks: what each path adds to TTFT).
 Clients balance over replicas themselves (a headless Service and gRPC's round_robin in Kubernetes).
 
-Replicas sharing a host take the first free port of [port, port + PORT_SPAN). Serve's autoscaling
-counts only the requests that Serve routes: with every client on this port, scale on a fixed
-replica count (or on the engine metrics) instead.
+Replicas sharing a host take the first free port of [port, port + PORT_SPAN). Serve does not see
+these calls; each replica reports how many are in flight, which the autoscaling policy of
+`services.app` adds to the requests Serve counts.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -33,23 +34,44 @@ class _Servicer(pbg.InferenceServicer, health_pb2_grpc.HealthServicer):
 
     def __init__(self, gateway: Any) -> None:
         self.g = gateway
-        self.Generate, self.Chat, self.ListModels, self.Check = (gateway.Generate, gateway.Chat,
-                                                                 gateway.ListModels, gateway.Check)
+        self.ongoing = 0   # inference calls in flight (Serve's autoscaling: services.app)
+        self.Check = gateway.Check
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.ongoing += 1
+        try:
+            yield
+        finally:
+            self.ongoing -= 1
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        with self._counted():
+            return await self.g.Generate(request, context)
+
+    async def Chat(self, request: Any, context: Any) -> Any:
+        with self._counted():
+            return await self.g.Chat(request, context)
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        return await self.g.ListModels(request, context)
 
     # Async generator functions themselves: grpc.aio tells a streaming handler by its function type.
     async def GenerateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        try:
-            async for out in self.g.GenerateStream(request, context):
-                yield out
-        except StreamError:
-            return
+        with self._counted():
+            try:
+                async for out in self.g.GenerateStream(request, context):
+                    yield out
+            except StreamError:
+                return
 
     async def ChatStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        try:
-            async for out in self.g.ChatStream(request, context):
-                yield out
-        except StreamError:
-            return
+        with self._counted():
+            try:
+                async for out in self.g.ChatStream(request, context):
+                    yield out
+            except StreamError:
+                return
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         async for out in self.g.Watch(request, context):
@@ -62,9 +84,9 @@ class DirectGrpc:
 
     def __init__(self, gateway: Any, host: str, port: int) -> None:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])   # never share a port
-        servicer = _Servicer(gateway)
-        pbg.add_InferenceServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, self.server)
+        self.servicer = _Servicer(gateway)
+        pbg.add_InferenceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
         self.port = 0
         for p in range(port, min(port + PORT_SPAN, 65536)):
             try:
@@ -74,6 +96,10 @@ class DirectGrpc:
                 continue
         if not self.port:
             raise RuntimeError(f"INFER_DIRECT_GRPC_PORT: no free port in [{port}, {port + PORT_SPAN}) on {host}")
+
+    @property
+    def ongoing(self) -> int:
+        return self.servicer.ongoing
 
     async def start(self) -> None:
         await self.server.start()

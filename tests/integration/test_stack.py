@@ -281,13 +281,19 @@ def test_direct_grpc_port_answers_like_serve(stack, stub):
         with pytest.raises(grpc.RpcError) as ei:
             fn(r, metadata=[("authorization", "Bearer wrong")])
         assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # A cancelled stream aborts in the engine, as through Serve.
+    # The replica reports the call in flight to Serve's autoscaler; cancelled, it aborts in the engine.
+    from ray import serve
+
+    from services.app import DIRECT_ONGOING
+    gateway = serve.get_deployment_handle("Gateway", app_name="inference")
     base = settle(stack, {})
     call = dstub.GenerateStream(pb.GenerateRequest(**LONG), metadata=MD)
     next(call)
+    assert gateway.record_autoscaling_stats.remote().result() == {DIRECT_ONGOING: 1.0}
     call.cancel()
     after = settle(stack, base)
     assert (after["num_running"], after["kv_cache_usage"]) == (0, base["kv_cache_usage"]), after
+    assert gateway.record_autoscaling_stats.remote().result() == {DIRECT_ONGOING: 0.0}
 
 
 def test_structured_output_choice_regex_and_bad_grammar(oai, stub):
