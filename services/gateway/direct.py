@@ -13,7 +13,7 @@ these calls; each replica reports how many are in flight, which the autoscaling 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,15 +27,38 @@ PORT_SPAN = 16
 logger = logging.getLogger(__name__)
 
 
+def _unary(name: str) -> Callable[..., Any]:
+    async def handler(self: "_Servicer", request: Any, context: Any) -> Any:
+        with self._counted():
+            return await getattr(self.g, name)(request, context)
+    return handler
+
+
+def _stream(name: str) -> Callable[..., AsyncIterator[Any]]:
+    # An async generator function itself: grpc.aio tells a streaming handler by its function type.
+    async def handler(self: "_Servicer", request: Any, context: Any) -> AsyncIterator[Any]:
+        with self._counted():
+            try:
+                async for out in getattr(self.g, name)(request, context):
+                    yield out
+            except StreamError:
+                return
+    return handler
+
+
 class _Servicer(pbg.InferenceServicer, health_pb2_grpc.HealthServicer):
-    """The Gateway's RPC methods as grpc.aio handlers. A refused stream raises StreamError with the
-    status already set on the context (what Serve's proxy needs); grpc.aio would replace the details
-    with the exception's text, so here the stream just ends and the status set goes out."""
+    """The Gateway's RPC methods as grpc.aio handlers, the inference calls counted while in flight
+    (Serve's autoscaling: services.app). A refused stream raises StreamError with the status already
+    set on the context (what Serve's proxy needs); grpc.aio would replace the details with the
+    exception's text, so here the stream just ends and the status set goes out."""
+
+    Generate, Chat = _unary("Generate"), _unary("Chat")
+    GenerateStream, ChatStream = _stream("GenerateStream"), _stream("ChatStream")
 
     def __init__(self, gateway: Any) -> None:
         self.g = gateway
-        self.ongoing = 0   # inference calls in flight (Serve's autoscaling: services.app)
-        self.Check = gateway.Check
+        self.ongoing = 0
+        self.ListModels, self.Check, self.Watch = gateway.ListModels, gateway.Check, gateway.Watch
 
     @contextmanager
     def _counted(self) -> Iterator[None]:
@@ -44,38 +67,6 @@ class _Servicer(pbg.InferenceServicer, health_pb2_grpc.HealthServicer):
             yield
         finally:
             self.ongoing -= 1
-
-    async def Generate(self, request: Any, context: Any) -> Any:
-        with self._counted():
-            return await self.g.Generate(request, context)
-
-    async def Chat(self, request: Any, context: Any) -> Any:
-        with self._counted():
-            return await self.g.Chat(request, context)
-
-    async def ListModels(self, request: Any, context: Any) -> Any:
-        return await self.g.ListModels(request, context)
-
-    # Async generator functions themselves: grpc.aio tells a streaming handler by its function type.
-    async def GenerateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        with self._counted():
-            try:
-                async for out in self.g.GenerateStream(request, context):
-                    yield out
-            except StreamError:
-                return
-
-    async def ChatStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        with self._counted():
-            try:
-                async for out in self.g.ChatStream(request, context):
-                    yield out
-            except StreamError:
-                return
-
-    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for out in self.g.Watch(request, context):
-            yield out
 
 
 class DirectGrpc:
