@@ -19,7 +19,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -151,7 +150,7 @@ class Gateway(HealthMixin):
             parsed = parse(await rest.read_json(request, self.config.max_body_bytes))
             prep = self.service.prepare(parsed, tenant)
             span.set_attribute("inference.request_id", prep.request_id)
-            carrier = tracing.inject(trace.set_span_in_context(span))
+            carrier = tracing.carrier_of(span)
             resp = await rest.respond(self.service, prep, carrier, rest.deadline_from(request.headers))
             code = resp.status_code
             if isinstance(resp, StreamingResponse):
@@ -227,7 +226,7 @@ class Gateway(HealthMixin):
             parsed = parse_chat(body) if chat else parse_completion(body)
             prep = self.service.prepare(parsed, tenant)
             span.set_attribute("inference.request_id", prep.request_id)
-            carrier = tracing.inject(trace.set_span_in_context(span))
+            carrier = tracing.carrier_of(span)
             deadline_s = grpc_api.metadata_value(ctx, rest.TIMEOUT_HEADER)
             deadline = rest.deadline_from({rest.TIMEOUT_HEADER: deadline_s} if deadline_s else {})
             acc = Accumulator(parsed.n, started=prep.started)

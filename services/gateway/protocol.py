@@ -75,7 +75,8 @@ def _common(body: dict, kind: str) -> ParsedRequest:
     if not model:
         raise invalid("'model' is required: the served model's name (see GET /v1/models).", "model")
     sampling: dict[str, Any] = {}
-    for name, (target, types) in _SAMPLING_FIELDS.items():
+    for name in _SAMPLING_FIELDS.keys() & body.keys():
+        target, types = _SAMPLING_FIELDS[name]
         what = "a boolean" if types == (bool,) else "an integer" if types == (int,) else "a number"
         v = _typed(body, name, types, what)
         if v is not None:

@@ -61,10 +61,8 @@ class LocalLLMClient:
     def __init__(self, server: Any) -> None:
         self.server = server
 
-    async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
-        async with aclosing(self.server.generate(req)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
+        return self.server.generate(req)   # the caller closes it
 
     async def call(self, method: str) -> Any:
         return getattr(self.server, method)()

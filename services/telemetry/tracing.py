@@ -46,13 +46,17 @@ def setup_tracing(service_name: str, exporter: str = "none", endpoint: str = "")
         _configured = exporter
 
 
+_TRACER = trace.get_tracer(TRACER_NAME)   # a proxy: it follows a provider installed later
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    return _TRACER
 
 
-def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
-    """The trace context carried by HTTP headers, gRPC metadata or a handle-call dict."""
-    return propagate.extract(dict(carrier or {}))
+def extract(carrier: Mapping[str, str] | None) -> otel_context.Context | None:
+    """The trace context carried by HTTP headers, gRPC metadata or a handle-call dict (None for an
+    empty one: spans then start from the current context, as they would from what it extracts to)."""
+    return propagate.extract(dict(carrier)) if carrier else None
 
 
 def inject(ctx: otel_context.Context | None = None) -> dict[str, str]:
@@ -62,8 +66,18 @@ def inject(ctx: otel_context.Context | None = None) -> dict[str, str]:
     return dict(carrier)
 
 
+def carrier_of(span: Span) -> dict[str, str]:
+    """The trace context to send on with a call made under `span`: empty when it carries none
+    (tracing off and no caller's context), without building a context to find that out."""
+    return inject(trace.set_span_in_context(span)) if span.get_span_context().is_valid else {}
+
+
 def start_span(name: str, parent: otel_context.Context | None = None,
                kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None) -> Span:
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        # No provider installed (exporter "none"): the span the no-op tracer would give, which carries
+        # the parent's context on, without the proxy and no-op tracer layers (this is on every request).
+        return trace.NonRecordingSpan(trace.get_current_span(parent).get_span_context())
     return tracer().start_span(name, context=parent, kind=kind, attributes=dict(attributes or {}))
 
 

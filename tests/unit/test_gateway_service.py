@@ -214,3 +214,22 @@ def test_fast_encoder_gives_the_tokenizers_own_ids(tiny_model_dir):
         for special in (True, False):
             assert encode(text, add_special_tokens=special) == tok.encode(text, add_special_tokens=special)
     assert fast_encoder(FakeTokenizer())("ab") == [97, 98]
+
+
+def test_request_dict_reads_messages_as_message_to_dict_does():
+    from google.protobuf.json_format import MessageToDict
+
+    from services.gateway.grpc_api import _to_dict
+    gen = pb.GenerateRequest(model="m", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, seed=12345678901,
+                             stop=["a", "b"], stop_token_ids=[1, 2], logit_bias={5: 1.5, -1: 0.1}, ignore_eos=False,
+                             prompt_token_ids=pb.TokenIds(ids=[1, 2, 3]), choice=["x", "y"], priority=-3)
+    gen.speculative.SetInParent()   # present but empty
+    gen.response_format.json_schema.name = "n"
+    chat = pb.ChatRequest(model="m", messages=[pb.ChatMessage(role="user", content="hi")], logprobs=True,
+                          top_logprobs=2)
+    for msg in (gen, chat, pb.GenerateRequest()):
+        want = MessageToDict(msg, preserving_proto_field_name=True)
+        if "seed" in want:
+            want["seed"] = int(want["seed"])   # proto3 JSON writes int64 as a string
+        assert _to_dict(msg) == want
+    assert _to_dict(gen)["temperature"] == 0.7   # the float32's shortest decimal, not 0.699999988
