@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.layers import fused
+from services.engine.layers.fused import PDL_LAUNCH, pdl_enter
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 
 import triton
@@ -37,6 +38,7 @@ _SPLIT_MIN_TOKENS = 512   # below this context a decode sequence is one program 
 def _write_kv_kernel(K, V, KC, VC, slots, stride_k, stride_v, stride_slot,
                      ROW: tl.constexpr, ROW_PAD: tl.constexpr):
     """One program per token: its K and V rows [KVH * D] go to flat slot `slots[t]` (skipped if < 0)."""
+    pdl_enter()
     t = tl.program_id(0)
     slot = tl.load(slots + t).to(tl.int64)
     if slot < 0:
@@ -53,6 +55,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                        D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        PREC: tl.constexpr):
+    pdl_enter()
     seq = tl.program_id(0)
     tile = tl.program_id(1)          # query tile (prefill) or KV split (decode, NUM_SPLITS > 1)
     kvh = tl.program_id(2)
@@ -115,6 +118,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
 @triton.jit
 def _merge_splits_kernel(Out, Part_acc, Part_ml, query_start_loc, stride_ot, stride_oh, H,
                          NUM_SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    pdl_enter()
     seq = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(query_start_loc + seq)
@@ -141,7 +145,7 @@ def write_kv_fused(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tenso
     if k.shape[0] == 0:
         return
     _write_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    k_cache.stride(1), ROW=row, ROW_PAD=triton.next_power_of_2(row))
+                                    k_cache.stride(1), ROW=row, ROW_PAD=triton.next_power_of_2(row), **PDL_LAUNCH)
 
 
 class TritonAttention(AttentionBackend):
@@ -195,11 +199,11 @@ class TritonAttention(AttentionBackend):
             out.stride(0), out.stride(1), meta.block_tables.stride(0),
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
             PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=4, num_stages=2,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32")   # float32 stays exact (no tf32)
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", **PDL_LAUNCH)   # float32 stays exact (no tf32)
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
                                                         out.stride(0), out.stride(1), num_heads,
-                                                        NUM_SPLITS=splits, D=head_dim, D_PAD=d_pad)
+                                                        NUM_SPLITS=splits, D=head_dim, D_PAD=d_pad, **PDL_LAUNCH)
         return out
 
 
