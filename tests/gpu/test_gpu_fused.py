@@ -115,3 +115,33 @@ def test_sample_rows_follows_the_tempered_distribution():
     assert counts[7] == 0                                            # a masked token is never drawn
     chi2 = (((counts - expected) ** 2) / expected.clamp_min(1e-9))[:7].sum().item()
     assert chi2 < 22.5, (counts.tolist(), expected.tolist())         # 6 dof, p = 0.001
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch is Hopper's")
+def test_kernels_launch_dependent_on_hopper_and_chain_in_a_graph():
+    """The batch-1 ITL figures rest on PDL: it must be on here (unless INFER_PDL=0), and a chain of
+    dependent launches captured in a CUDA graph must compute what it computes eagerly."""
+    import os
+    if os.environ.get("INFER_PDL", "1") != "0":
+        assert fused._PDL_ON and fused.PDL_LAUNCH == {"launch_pdl": True}
+    g = torch.Generator("cuda").manual_seed(3)
+    w1 = torch.randn(2048, 1024, device="cuda", generator=g, dtype=torch.bfloat16) / 32
+    w2 = torch.randn(1024, 1024, device="cuda", generator=g, dtype=torch.bfloat16) / 32
+    norm = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def chain(x):   # each kernel reads what the one before wrote
+        for _ in range(8):
+            x = fused.gemv(fused.silu_and_mul(fused.gemv(fused.add_rms_norm(x, None, norm, 1e-6), w1)), w2)
+        return x
+
+    want = chain(x)
+    static = x.clone()
+    chain(static)   # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
