@@ -36,7 +36,8 @@ def colocated(tiny_model_dir, redis_url):
     env = {**os.environ, "INFER_MODEL": tiny_model_dir, "INFER_HOST": "127.0.0.1", "INFER_HTTP_PORT": str(http),
            "INFER_GRPC_PORT": str(grpc_port), "INFER_REDIS_URL": redis_url, "INFER_AUTH_DISABLED": "true",
            "INFER_GATEWAY_MODE": "colocated", "INFER_DIRECT_GRPC_PORT": str(direct),
-           "INFER_LLM_MIN_REPLICAS": "1", "INFER_LLM_MAX_REPLICAS": "2",   # autoscaled: the policy of services.app "INFER_GRAMMAR_REPLICAS": "0", "INFER_ENGINE_MAX_MODEL_LEN": "512",
+           "INFER_LLM_MIN_REPLICAS": "1", "INFER_LLM_MAX_REPLICAS": "2",   # autoscaled: the policy of services.app
+           "INFER_GRAMMAR_REPLICAS": "0", "INFER_ENGINE_MAX_MODEL_LEN": "512",
            "INFER_ENGINE_NUM_KV_BLOCKS": "128", "PYTHONPATH": REPO}
     proc = subprocess.Popen([sys.executable, "-m", "services.run"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
