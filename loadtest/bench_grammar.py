@@ -19,7 +19,9 @@ Masks: steady-state decoding with `batch` sequences always in flight (each runs 
 is replaced by a new one with a 4-token prompt); per-step time and output tokens/s with every row
 constrained by a JSON Schema (one that cannot complete within 48 tokens, so both modes decode the
 same lengths) vs no constraint, and the mask time per step (fill on the CPU + apply on the device)
-from the engine's own metric.
+from the engine's own metric. On a GPU the engine fills masks in its mask worker process; each
+round then also runs the constrained rows with the masks filled in the engine's own process, side by
+side (`--rounds N` alternating rounds, medians).
 `--vocab N` with `--config NAME` (loadtest/configs/NAME, dummy weights) uses a synthetic
 byte-level vocabulary of N tokens (the tiny tokenizer's plus concatenations of its tokens), since
 mask work grows with the vocabulary; `--tokenizer DIR` uses a real tokenizer instead (a model's own
@@ -279,27 +281,49 @@ def profiled(fn, path: str | None):
     return out
 
 
-def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | None = None) -> dict:
+def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | None = None, rounds: int = 1) -> dict:
+    """Per batch, `rounds` alternating rounds of: unconstrained, constrained as the engine runs it
+    (on a GPU the mask worker process fills steps with 4+ constrained rows), and, where the engine
+    has a mask worker, constrained with the masks filled in the engine's process. Losses are each
+    round's against its own unconstrained run; the figures are the medians over rounds."""
     from services.engine.sampling_params import SamplingParams  # noqa: PLC0415
     from services.grammar.matcher import GrammarHandle  # noqa: PLC0415
     from services.grammar.spec import GrammarSpec  # noqa: PLC0415
     handle = GrammarHandle.compile(GrammarSpec.json_schema(DECODE_SCHEMA), info)
-    max_tokens = MAX_TOKENS
+    eng = llm.engine
+    worker = eng.mask_worker
+    variants = {"json_schema": worker, **({"json_schema_in_process": None} if worker is not None else {})}
+    free_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)  # noqa: E731
+    cons_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, grammar=handle)  # noqa: E731
     out = {}
     for b in batches:
-        free = steady_state(llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True),
-                            steps, warmup=4)
-        cons = profiled(lambda: steady_state(
-            llm, b, lambda: SamplingParams(temperature=1.0, max_tokens=max_tokens, grammar=handle), steps, warmup=4),
-            profile_dir and f"{profile_dir}/grammar_masks_b{b}.txt")
-        out[f"batch_{b}"] = {"unconstrained": free, "json_schema": cons,
-                             "throughput_loss_pct": 100.0 * (1 - cons["tokens_per_s"] / free["tokens_per_s"]),
-                             "step_time_overhead_pct": 100.0 * (cons["step_ms_median"] / free["step_ms_median"] - 1),
-                             # Host time spent on masks per step, relative to an unconstrained step: the
-                             # part that cannot hide behind the forward pass on the CPU (noise-free).
-                             "mask_share_of_step_pct": 100.0 * cons["mask_ms_per_step"] / free["step_ms_median"]}
+        runs: dict[str, list[dict]] = {"unconstrained": [], **{k: [] for k in variants}}
+        for r in range(rounds):
+            runs["unconstrained"].append(steady_state(llm, b, free_params, steps, warmup=4))
+            for name, w in variants.items():
+                eng.mask_worker = w
+                prof = profile_dir and r == 0 and f"{profile_dir}/grammar_masks_b{b}{name[11:]}.txt"
+                runs[name].append(profiled(lambda: steady_state(llm, b, cons_params, steps, warmup=4), prof))
+        eng.mask_worker = worker
+        res = {"rounds": rounds, "unconstrained": _median_run(runs["unconstrained"])}
+        for name in variants:
+            loss = [100.0 * (1 - c["tokens_per_s"] / f["tokens_per_s"])
+                    for c, f in zip(runs[name], runs["unconstrained"])]
+            res[name] = {**_median_run(runs[name]), "throughput_loss_pct": statistics.median(loss),
+                         "throughput_loss_pct_rounds": loss}
+        free, cons = res["unconstrained"], res["json_schema"]
+        res.update({"throughput_loss_pct": cons["throughput_loss_pct"],
+                    "step_time_overhead_pct": 100.0 * (cons["step_ms_median"] / free["step_ms_median"] - 1),
+                    # Host time spent on masks per step, relative to an unconstrained step: the
+                    # part that cannot hide behind the forward pass on the CPU (noise-free).
+                    "mask_share_of_step_pct": 100.0 * cons["mask_ms_per_step"] / free["step_ms_median"]})
+        out[f"batch_{b}"] = res
     out[f"fill_only_batch_{max(batches)}"] = fill_scaling(handle, max(batches))
     return out
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def fill_scaling(handle, batch: int = 32, steps: int = 48) -> dict:
@@ -378,6 +402,7 @@ def main() -> None:
                          "synthetic vocabulary; one from llama.cpp's vocabularies: python -m loadtest.gguf_vocab")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of the mask runs (medians reported)")
     ap.add_argument("--compile-specs", type=int, default=30)
     ap.add_argument("--cold-specs", type=int, default=8, help="of those, how many also compile cold")
     ap.add_argument("--compile-vocab", type=int, default=128256,
@@ -415,7 +440,7 @@ def main() -> None:
               # Timings on a shared machine are only as good as its idle CPU: keep the load.
               "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
               "compile": bench_compile(compile_info, a.compile_specs, a.cold_specs) if "compile" in a.parts else None,
-              "masks": bench_masks(llm, info, a.batches, a.steps, a.profile) if "masks" in a.parts else None,
+              "masks": bench_masks(llm, info, a.batches, a.steps, a.profile, a.rounds) if "masks" in a.parts else None,
               "load_avg_1m_end": os.getloadavg()[0]}
     text = json.dumps(result, indent=2)
     print(text)

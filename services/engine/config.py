@@ -38,6 +38,10 @@ class EngineConfig:
     num_speculative_tokens: int = 4              # k: most guesses per sequence per step
     speculative_adaptive: bool = True            # per-sequence k from recent acceptance and measured cost
     speculative_disable_batch_size: int | None = 32   # more running sequences than this: no speculation
+    # Structured output: "auto" fills the masks of steps with 4+ constrained rows in a worker process on a
+    # GPU (services/grammar/mask_worker.py) and in the engine's own process otherwise; "on": every such
+    # step in the worker; "off": never.
+    grammar_mask_worker: str = "auto"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -63,6 +67,7 @@ class EngineConfig:
              "num_speculative_tokens", "an integer in [1, 16]")
         need(self.speculative_disable_batch_size is None or self.speculative_disable_batch_size >= 1,
              "speculative_disable_batch_size", "None or >= 1")
+        need(self.grammar_mask_worker in ("auto", "on", "off"), "grammar_mask_worker", '"auto", "on" or "off"')
 
     @property
     def tokenizer_path(self) -> str:

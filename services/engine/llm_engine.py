@@ -78,6 +78,13 @@ class LLMEngine:
                              "build one with services.draft.build_proposer")
         self.speculator = Speculator(config, proposers, self.sampler, self.vocab_size) if proposers else None
         self.eos_token_ids = self._eos_ids()
+        # [grammar] masks filled in a process of their own (services/grammar/mask_worker.py)
+        self.mask_worker = None
+        mode = config.grammar_mask_worker
+        if mode == "on" or (mode == "auto" and self.runner.device.type == "cuda"):
+            from services.grammar.mask_worker import MaskWorker  # noqa: PLC0415
+            self.mask_worker = MaskWorker(config.max_num_seqs, max(self.vocab_size, len(self.tokenizer)),
+                                          min_rows=1 if mode == "on" else 4)
         self.groups: dict[str, RequestGroup] = {}
         self.child_to_group: dict[Request, RequestGroup] = {}
         self._seq = itertools.count()
@@ -179,8 +186,7 @@ class LLMEngine:
         # (nothing above waits for it); the sampler applies them on the device.
         masks = None
         if any(r.matcher is not None for r, _ in sampling):
-            from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
-            masks = fill_grammar_bitmask([r for r, _ in sampling])
+            masks = self._fill_masks([r for r, _ in sampling])
         if self.kv_tier is not None:   # [kv-tier] export blocks that just became full
             self.kv_tier.after_step(sched.scheduled, time.perf_counter() - t_exec)
         self.scheduler.update(sched.scheduled)
@@ -265,6 +271,9 @@ class LLMEngine:
             prev.ready.synchronize()
         values = prev.host.tolist()
         n, now = len(prev.scheduled), time.time()
+        # [grammar] the worker's mirrors take step n's tokens and fill n+1's masks while this thread
+        # appends them; without it the masks are filled below, after the matchers took the tokens
+        in_worker = late and self._submit_masks(nxt[1], prev, values)
         touched: dict[str, RequestGroup] = {}
         for i, s in enumerate(prev.scheduled):
             req = s.request
@@ -274,8 +283,27 @@ class LLMEngine:
             self._append(req, group, int(values[i]), values[n + i], None, now)
             touched[group.request_id] = group
         if late:   # [grammar] the matchers have taken step n's tokens: masks for n+1, then its sampling
-            self._inflight = self._launch_sampling(*nxt)
+            self._inflight = self._launch_sampling(*nxt, self.mask_worker.collect() if in_worker else None)
         return self._outputs(touched)
+
+    def _fill_masks(self, requests: list[Request]):
+        """[grammar] The token masks of a step's sampling rows, filled in the worker if it takes them."""
+        if self.mask_worker is not None and self.mask_worker.submit(requests):
+            masks = self.mask_worker.collect()
+            if masks is not None:
+                return masks
+        from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
+        return fill_grammar_bitmask(requests)
+
+    def _submit_masks(self, scheduled: list, prev: InFlight, values: list) -> bool:
+        """[grammar] Hands step n+1's constrained rows to the mask worker with step n's tokens, which
+        are not appended yet (`values`: step n's tokens, row by row of `prev`)."""
+        if self.mask_worker is None:
+            return False
+        row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
+        requests = [s.request for s in scheduled]
+        extra = {j: int(values[row_of[id(r)]]) for j, r in enumerate(requests) if r.matcher is not None}
+        return self.mask_worker.submit(requests, extra)
 
     def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
         """The forward pass of step n+1 for the requests of step n that are still running and cannot

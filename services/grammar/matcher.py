@@ -56,11 +56,8 @@ class Matcher:
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
         """Write the allowed next tokens into bitmask[row] (CPU int32). False: all allowed."""
-        if self._m.is_terminated():
-            # Nothing may follow; keep the row valid (stop tokens only) rather than all-zero.
-            bitmask[row].zero_()
-            for t in self._stop_ids:
-                bitmask[row, t // 32] |= _bit(t % 32)
+        if self._m.is_terminated():   # stop tokens only
+            fill_rows([self._m], bitmask, [row])
             return True
         return self._m.fill_next_token_bitmask(bitmask, row)
 
@@ -189,16 +186,24 @@ def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
         return None
     vocab_size = requests[rows[0]].sampling_params.grammar.vocab_size
     bitmask = _BUFFERS.get(len(requests), vocab_size)
-    live = [i for i in rows if not requests[i].matcher.is_terminated()]
+    fill_rows([requests[i].matcher._m for i in rows], bitmask, rows)
+    return FilledMasks(bitmask, rows, vocab_size, time.perf_counter() - t0)
+
+
+def fill_rows(matchers: list[xgr.GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+    """bitmask[rows[k]] = the tokens matchers[k] allows next; stop tokens only once it has terminated
+    (nothing may follow, and an all-zero row could not be sampled)."""
+    live = [k for k, m in enumerate(matchers) if not m.is_terminated()]
     if len(live) > 1:
         # xgrammar fills the rows on its own threads (outside the GIL): at batch 32 this is the
         # difference between hiding behind the forward pass and not.
-        _batch_matcher().batch_fill_next_token_bitmask([requests[i].matcher._m for i in live], bitmask, live)
-    batched = set(live) if len(live) > 1 else set()
-    for i in rows:
-        if i not in batched:
-            requests[i].matcher.fill_next_token_bitmask(bitmask, i)
-    return FilledMasks(bitmask, rows, vocab_size, time.perf_counter() - t0)
+        _batch_matcher().batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask, [rows[k] for k in live])
+    elif live:
+        matchers[live[0]].fill_next_token_bitmask(bitmask, rows[live[0]])
+    for k in set(range(len(matchers))).difference(live):
+        bitmask[rows[k]].zero_()
+        for t in matchers[k].stop_token_ids:
+            bitmask[rows[k], t // 32] |= _bit(t % 32)
 
 
 _BATCH: xgr.BatchGrammarMatcher | None = None

@@ -95,9 +95,16 @@ def test_overlapped_decoding_matches_step_by_step():
     check_overlapped_decoding(llm, PROMPTS, [1, 5, 17, 40], longest=3)
 
 
-def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
-    llm = LLM(tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, seed=0)
+@pytest.mark.parametrize("mask_worker", ["off", "on"])
+def test_overlapped_decoding_with_grammar_rows(tiny_model_dir, mask_worker):
+    """Masks filled in the engine's process and in the mask worker's (its shared bitmask page-locked)."""
+    llm = LLM(tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, seed=0,
+              grammar_mask_worker=mask_worker)
     check_overlapped_grammar(llm, ["Name and age as JSON:", "def add(a, b):\n", "Is it true? Answer:"])
+    worker = llm.engine.mask_worker
+    if worker is not None:
+        assert not worker.failed and worker._step > 10 and worker._pinned
+        worker.close()
 
 
 def test_overlapped_steps_export_the_blocks_they_fill():

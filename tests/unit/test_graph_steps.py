@@ -95,6 +95,17 @@ def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
     check_overlapped_grammar(llm, PROMPTS)
 
 
+def test_overlapped_grammar_rows_in_the_mask_worker(tiny_model_dir):
+    """The same check with the masks filled by the worker process, overlapped steps included."""
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", grammar_mask_worker="on", **COMMON), None)
+    engine, ahead = llm.engine, []
+    submit = engine._submit_masks
+    engine._submit_masks = lambda *a: ahead.append(submit(*a)) or ahead[-1]
+    check_overlapped_grammar(llm, PROMPTS)
+    assert any(ahead) and not engine.mask_worker.failed
+    engine.mask_worker.close()
+
+
 def test_overlapped_steps_export_the_blocks_they_fill(tiny_model_dir):
     """Blocks filled by overlapped steps reach the tier with the KV they hold (the shared check), and a
     cold engine on the same store loads the prompts plus their outputs and continues alike."""

@@ -1,0 +1,229 @@
+"""Grammar masks filled in a process of their own, beside the engine thread.
+
+With a small model at batch 32 a decode step takes as long on the host as on the GPU, so filling 32
+rows' masks on the engine thread (0.5-1 ms) lengthens every step, and a thread cannot help: the fill
+and the engine's Python work both want the GIL. The mask worker is a process that owns a mirror of
+every constrained sequence's matcher. Each step the engine sends the tokens the mirrors have not
+taken yet (`submit`), goes on with its own work (appending step n's tokens, stop checks) while the
+worker takes them and fills the rows of a bitmask in shared memory, then picks the rows up
+(`collect`) and launches sampling.
+
+The engine keeps its own matchers (stop checks, speculative decoding's rollbacks, and the fill when the
+worker is not used), so a mirror only ever follows its request's output tokens: it can lag any number
+of steps and catches up by taking them all at once. Every EXPIRE_STEPS submissions, the mirrors unused
+for that long are dropped on both sides (the same rule, so no message is needed); a request that comes
+back gets a new one. If the worker fails or exits, `collect` returns None, the engine fills in process from then on,
+and nothing is lost: its own matchers never depended on the worker.
+
+    python -m services.grammar.mask_worker FD PATH ROWS WORDS     (started by MaskWorker, not by hand)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXPIRE_STEPS = 64
+MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker before it starts over
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _shared_bitmask(path: str, rows: int, words: int) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=rows * words, dtype=torch.int32).view(rows, words)
+
+
+def _pin(t: torch.Tensor) -> bool:
+    """Page-lock the shared buffer so its copies to the GPU are asynchronous (no wait for the forward pass)."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == 0
+
+
+class MaskWorker:
+    """The engine's side. `submit(requests, extra)` then `collect()` once per step that uses it."""
+
+    def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1) -> None:
+        self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
+        fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.ftruncate(fd, self.rows * self.words * 4)
+        os.close(fd)
+        self.bitmask = _shared_bitmask(self._path, self.rows, self.words)
+        self._pinned = _pin(self.bitmask)
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "services.grammar.mask_worker", str(theirs.fileno()), self._path,
+             str(self.rows), str(self.words)], pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT))
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn, self._path, self.bitmask, self._pinned)
+        self.failed = False
+        self._ready = False
+        self._step = 0
+        self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [tokens taken, last submission]
+        self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
+        self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
+        self._pending: tuple[int, list[int], int] | None = None
+
+    def submit(self, requests: list, extra: dict[int, int] | None = None) -> bool:
+        """Send the tokens of the constrained rows (row i = requests[i]) that their mirrors lack, plus
+        `extra[i]`, row i's token not appended yet; the worker then fills those rows. False (nothing
+        sent) when the worker is not worth it or cannot take this step: fill in process then."""
+        rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if self.failed or len(rows) < self.min_rows or len(requests) > self.rows:
+            return False
+        handles = [requests[i].sampling_params.grammar for i in rows]
+        vocab_size = handles[0].vocab_size
+        if any(h.vocab_size != vocab_size for h in handles) or vocab_size > self.words * 32:
+            return False
+        self._step += 1
+        try:
+            if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
+                self._conn.send(("reset",))
+                self._grammars.clear()
+                self._mirrors.clear()
+            items = []
+            for i, h in zip(rows, handles):
+                req = requests[i]
+                if id(h) not in self._grammars:
+                    self._register(h)
+                out = req.output_token_ids
+                mirror = self._mirrors.get(req.arrival_seq)
+                new = mirror is None
+                if new:
+                    mirror = self._mirrors[req.arrival_seq] = [0, 0]
+                tokens = out[mirror[0]:]
+                if extra is not None and i in extra:
+                    tokens = [*tokens, extra[i]]
+                mirror[0] += len(tokens)
+                mirror[1] = self._step
+                items.append((i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
+            self._conn.send(("step", self._step, items))
+        except OSError as e:
+            self._fail(f"cannot reach the worker: {e}")
+            return False
+        _expire(self._mirrors, self._step)
+        self._pending = (len(requests), rows, vocab_size)
+        return True
+
+    def collect(self):
+        """The rows filled for the last `submit` (a matcher.FilledMasks over the shared bitmask), or
+        None if the worker failed: the caller fills in process."""
+        from services.grammar.matcher import FilledMasks  # noqa: PLC0415 - xgrammar, only once masks are used
+        (n, rows, vocab_size), self._pending = self._pending, None
+        try:
+            while True:
+                reply = self._conn.recv()
+                if reply[0] != "ready":
+                    break
+                self._ready = True
+        except (EOFError, OSError) as e:
+            self._fail(f"the worker exited ({e!r}, exit code {self._proc.poll()})")
+            return None
+        if reply[0] != "ok":
+            self._fail(reply[1])
+            return None
+        return FilledMasks(self.bitmask[:n], rows, vocab_size, reply[1])
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _register(self, handle: Any) -> None:
+        info = handle.tokenizer_info
+        if id(info) not in self._tokenizers:
+            self._tokenizers[id(info)] = info
+            self._conn.send(("tokenizer", id(info), info.serialize_json()))
+        self._grammars[id(handle)] = handle
+        self._conn.send(("grammar", id(handle), id(info), handle.compiled.serialize_json()))
+
+    def _fail(self, why: str) -> None:
+        log.warning("grammar mask worker: %s; masks are filled in the engine's process from now on", why)
+        self.failed = True
+        self.close()
+
+
+def _expire(mirrors: dict, step: int) -> None:
+    """Both sides run this after each submission, so they drop the same mirrors."""
+    if step % EXPIRE_STEPS == 0:
+        for key in [k for k, m in mirrors.items() if m[-1] <= step - EXPIRE_STEPS]:
+            del mirrors[key]
+
+
+def _stop(proc: subprocess.Popen, conn: Connection, path: str, bitmask: torch.Tensor, pinned: bool) -> None:
+    conn.close()   # the worker's recv ends: it exits
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if pinned:
+        torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---- the worker process ------------------------------------------------------------------------
+def serve(conn: Connection, bitmask: torch.Tensor) -> None:
+    import xgrammar as xgr  # noqa: PLC0415
+
+    from services.grammar.matcher import fill_rows  # noqa: PLC0415
+    infos: dict[int, Any] = {}
+    grammars: dict[int, Any] = {}
+    mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if msg[0] == "step":
+                t0 = time.perf_counter()
+                step, items = msg[1], msg[2]
+                matchers, rows = [], []
+                for row, key, tokens, new in items:
+                    if new is not None:
+                        gid, stop_ids = new
+                        mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
+                    mirror = mirrors[key]
+                    for t in tokens:
+                        mirror[0].accept_token(t)
+                    mirror[1] = step
+                    matchers.append(mirror[0])
+                    rows.append(row)
+                fill_rows(matchers, bitmask, rows)
+                _expire(mirrors, step)
+                conn.send(("ok", time.perf_counter() - t0))
+            elif msg[0] == "tokenizer":
+                infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
+            elif msg[0] == "grammar":
+                grammars[msg[1]] = xgr.CompiledGrammar.deserialize_json(msg[3], infos[msg[2]])
+            elif msg[0] == "reset":
+                grammars.clear()
+                mirrors.clear()
+        except Exception as e:   # noqa: BLE001 - reported to the engine, which then fills in process
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+            return
+
+
+def main(argv: list[str]) -> None:
+    fd, path, rows, words = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    torch.set_num_threads(1)
+    serve(Connection(fd), _shared_bitmask(path, rows, words))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,139 @@
+"""The grammar mask worker (services/grammar/mask_worker.py): a real worker process filling masks from
+mirrored matchers gives exactly the rows the engine's own matchers give, catches up after steps it
+missed, drops and rebuilds mirrors alike on both sides, and when it dies the engine fills in process
+with nothing lost."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from services.engine.llm import LLM
+from services.engine.sampling_params import SamplingParams
+from services.grammar.mask_worker import EXPIRE_STEPS, MaskWorker
+from services.grammar.matcher import GrammarHandle, fill_grammar_bitmask
+from services.grammar.spec import GrammarSpec
+from services.grammar.tokenizer import tokenizer_info_from_hf
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+PROMPTS = ["Describe a person as JSON:", "x = ", "hello"]
+
+
+@pytest.fixture(scope="module")
+def info(tiny_model_dir):
+    eng = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16).engine
+    return tokenizer_info_from_hf(eng.tokenizer, eng.vocab_size, sorted(eng.eos_token_ids))
+
+
+@dataclass
+class Seq:
+    """What the worker reads of a Request."""
+    matcher: object
+    sampling_params: object
+    arrival_seq: int
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Params:
+    grammar: object
+
+
+def run(llm: LLM, handles) -> list[list[tuple[str, str]]]:
+    js, choice = handles
+    params = [SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=40, grammar=js),
+              SamplingParams(temperature=1.0, max_tokens=20, grammar=choice),
+              SamplingParams(temperature=1.0, max_tokens=20)]
+    return [[(c.text, c.finish_reason) for c in o.outputs] for o in llm.generate(PROMPTS, params)]
+
+
+def compile_both(info):
+    return (GrammarHandle.compile(GrammarSpec.json_schema(PERSON), info),
+            GrammarHandle.compile(GrammarSpec.choice(["yes", "no", "maybe"]), info))
+
+
+def test_engine_outputs_are_the_same_with_the_worker(tiny_model_dir, info):
+    handles = compile_both(info)
+    want = run(LLM(tiny_model_dir, num_kv_blocks=256, block_size=16, grammar_mask_worker="off"), handles)
+    llm = LLM(tiny_model_dir, num_kv_blocks=256, block_size=16, grammar_mask_worker="on")
+    assert run(llm, handles) == want
+    worker = llm.engine.mask_worker
+    assert not worker.failed and worker._step > 10
+    llm.engine.mask_worker.close()
+
+
+def test_mirrors_catch_up_expire_and_come_back(info):
+    """Rows filled by the worker equal the in-process fill after lagging several tokens, after `extra`
+    tokens not appended yet, and after the mirror expired and was rebuilt from all the tokens."""
+    js, choice = compile_both(info)
+    worker = MaskWorker(4, info.vocab_size)
+    a = Seq(js.new_matcher(), Params(js), arrival_seq=1)
+    b = Seq(choice.new_matcher(), Params(choice), arrival_seq=2)
+
+    def same(seqs, extra=None):
+        assert worker.submit(seqs, extra)
+        got = worker.collect()
+        assert got is not None and got.rows == [i for i, s in enumerate(seqs) if s.matcher is not None]
+        want = fill_grammar_bitmask(seqs)
+        for i in got.rows:
+            assert torch.equal(got.bitmask[i], want.bitmask[i]), i
+
+    def take(seq, tokens):   # what the engine does when it appends tokens
+        for t in tokens:
+            assert seq.matcher.accept_token(t)
+            seq.output_token_ids.append(t)
+
+    tokens = _greedy_tokens(js, info, 8)
+    same([a, b])
+    take(a, tokens[:5])                           # five tokens behind: the mirror takes them at once
+    same([a, b])
+    take(a, tokens[5:6])
+    a.output_token_ids.pop()                      # step n's token, not appended yet: sent as `extra`
+    same([b, a], extra={1: tokens[5]})
+    a.output_token_ids.append(tokens[5])
+    for _ in range(2 * EXPIRE_STEPS):             # `a` unused: both sides drop its mirror
+        same([b])
+    assert a.arrival_seq not in worker._mirrors
+    take(a, tokens[6:8])
+    same([a])                                     # rebuilt from all of a's tokens
+    assert worker._mirrors[a.arrival_seq][0] == 8
+    worker.close()
+
+
+def _greedy_tokens(handle, info, n: int) -> list[int]:
+    """n tokens the grammar accepts: the lowest allowed id at each position."""
+    m = handle.new_matcher()
+    bitmask = torch.zeros(1, (info.vocab_size + 31) // 32, dtype=torch.int32)
+    out = []
+    for _ in range(n):
+        m.fill_next_token_bitmask(bitmask, 0)
+        words = bitmask[0].to(torch.int64) & 0xFFFFFFFF
+        allowed = ((words[:, None] >> torch.arange(32)) & 1).flatten().nonzero().flatten().tolist()
+        t = next(t for t in allowed if t not in m.stop_token_ids)
+        assert m.accept_token(t)
+        out.append(t)
+    return out
+
+
+def test_a_dead_worker_loses_nothing(tiny_model_dir, info, caplog):
+    handles = compile_both(info)
+    want = run(LLM(tiny_model_dir, num_kv_blocks=256, block_size=16, grammar_mask_worker="off"), handles)
+    llm = LLM(tiny_model_dir, num_kv_blocks=256, block_size=16, grammar_mask_worker="on")
+    engine, worker = llm.engine, llm.engine.mask_worker
+    step = engine.step
+
+    def kill_on_fifth():
+        if worker._step == 5:
+            worker._proc.kill()
+            worker._proc.wait()
+        return step()
+    engine.step = kill_on_fifth
+    with caplog.at_level(logging.WARNING, logger="services.grammar.mask_worker"):
+        assert run(llm, handles) == want
+    assert worker.failed and "filled in the engine's process" in caplog.text
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
