@@ -263,17 +263,23 @@ class LLMEngine:
         if self.kv_tier is not None:   # fetched requests wait in the queue: the next step is a synchronous one
             for r in self.kv_tier.ready():
                 self.scheduler.add(r)
+        # [grammar] with the mask worker, step n's constrained rows go to it as soon as their tokens are
+        # on the host: its mirrors take them and fill the masks of step n+1 while this thread launches
+        # n+1's forward pass and appends the tokens. When the host is the slower side (a small model at
+        # batch 32) the tokens are there already; otherwise (a GPU-bound step) they are sent after the
+        # launch, so the GPU never waits for this.
+        values = self._submit_masks(prev, early=True)
         nxt = self._launch_next(prev)   # None: the next step() is a synchronous one
         late = nxt is not None and any(s.request.matcher is not None for s in nxt[1])
         if nxt is not None and not late:
             self._inflight = self._launch_sampling(*nxt)
-        if prev.ready is not None:
-            prev.ready.synchronize()
-        values = prev.host.tolist()
+        in_worker = values is not None
+        if values is None:
+            if prev.ready is not None:
+                prev.ready.synchronize()
+            values = prev.host.tolist()
+            in_worker = late and self._submit_masks(prev, values=values) is not None
         n, now = len(prev.scheduled), time.time()
-        # [grammar] the worker's mirrors take step n's tokens and fill n+1's masks while this thread
-        # appends them; without it the masks are filled below, after the matchers took the tokens
-        in_worker = late and self._submit_masks(nxt[1], prev, values)
         touched: dict[str, RequestGroup] = {}
         for i, s in enumerate(prev.scheduled):
             req = s.request
@@ -282,8 +288,12 @@ class LLMEngine:
                 continue
             self._append(req, group, int(values[i]), values[n + i], None, now)
             touched[group.request_id] = group
-        if late:   # [grammar] the matchers have taken step n's tokens: masks for n+1, then its sampling
-            self._inflight = self._launch_sampling(*nxt, self.mask_worker.collect() if in_worker else None)
+        masks = None
+        if in_worker:   # (always collected, even when no constrained row goes on)
+            row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
+            masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
+        if late:   # [grammar] step n's tokens are taken: the masks for n+1 (else filled now), then its sampling
+            self._inflight = self._launch_sampling(*nxt, masks)
         return self._outputs(touched)
 
     def _fill_masks(self, requests: list[Request]):
@@ -295,15 +305,19 @@ class LLMEngine:
         from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
         return fill_grammar_bitmask(requests)
 
-    def _submit_masks(self, scheduled: list, prev: InFlight, values: list) -> bool:
-        """[grammar] Hands step n+1's constrained rows to the mask worker with step n's tokens, which
-        are not appended yet (`values`: step n's tokens, row by row of `prev`)."""
-        if self.mask_worker is None:
-            return False
-        row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
-        requests = [s.request for s in scheduled]
-        extra = {j: int(values[row_of[id(r)]]) for j, r in enumerate(requests) if r.matcher is not None}
-        return self.mask_worker.submit(requests, extra)
+    def _submit_masks(self, prev: InFlight, early: bool = False, values: list | None = None) -> list | None:
+        """[grammar] Hands step n's constrained rows to the mask worker with their newest tokens, not
+        appended yet, so that it fills the masks that follow them. `early`: only if the tokens are on the
+        host already. Returns step n's values (tokens, then logprobs) if submitted."""
+        if self.mask_worker is None or not any(s.request.matcher is not None for s in prev.scheduled):
+            return None
+        if early:
+            if prev.ready is not None and not prev.ready.query():
+                return None
+            values = prev.host.tolist()
+        requests = [s.request for s in prev.scheduled]
+        extra = {i: int(values[i]) for i, r in enumerate(requests) if r.matcher is not None}
+        return values if self.mask_worker.submit(requests, extra) else None
 
     def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
         """The forward pass of step n+1 for the requests of step n that are still running and cannot
@@ -340,8 +354,8 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.append({t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t]))
                                  for t, lp in logprobs.items()})
-        if req.matcher is not None:
-            req.matcher.accept_token(token)
+        if req.matcher is not None:   # [grammar] taken when the matcher is next used (not at all when
+            req.matcher.defer(token)    # the mask worker's mirror fills its masks)
         req.metrics.first_token_time = req.metrics.first_token_time or now
         req.metrics.last_token_time = now
         detok = group.detoks[req.index]

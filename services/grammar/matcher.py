@@ -27,43 +27,62 @@ NEG_INF = float("-inf")
 
 class Matcher:
     """One sequence's position in the grammar. Cheap; created per sequence (n > 1: one each)."""
-    __slots__ = ("_m", "_stop_ids", "num_accepted")
+    __slots__ = ("_m", "_stop_ids", "_pending", "num_accepted")
 
     def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: list[int] | None = None) -> None:
         self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
-        self._stop_ids = list(self._m.stop_token_ids)
+        self._stop_ids = frozenset(self._m.stop_token_ids)
+        self._pending: list[int] = []
         self.num_accepted = 0
 
     def accept_token(self, token_id: int) -> bool:
         """False if the grammar cannot take the token (state unchanged)."""
-        ok = self._m.accept_token(int(token_id))
+        ok = self.synced().accept_token(int(token_id))
         self.num_accepted += ok
         return ok
 
+    def defer(self, token_id: int) -> None:
+        """accept_token, but only when the matcher is next used: a token that is not a stop token cannot
+        terminate the grammar, so is_terminated() is known without it. The engine appends tokens this
+        way, and when the mask worker fills this sequence's masks its own matcher never has to catch up."""
+        if token_id in self._stop_ids:
+            self.accept_token(token_id)
+        else:
+            self._pending.append(token_id)
+
+    def synced(self) -> xgr.GrammarMatcher:
+        """The xgrammar matcher, after it took the deferred tokens."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for t in pending:
+                self.num_accepted += self._m.accept_token(t)
+        return self._m
+
     def is_terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted: the sequence must end."""
-        return self._m.is_terminated()
+        return False if self._pending else self._m.is_terminated()   # (stop tokens are never deferred)
 
     def is_completed(self) -> bool:
         """The text so far is a complete match (a stop token may still be pending)."""
-        return self._m.is_completed()
+        return self.synced().is_completed()
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (speculative decoding's rejected drafts)."""
         if num_tokens > 0:
-            self._m.rollback(num_tokens)
+            self.synced().rollback(num_tokens)
             self.num_accepted -= num_tokens
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
         """Write the allowed next tokens into bitmask[row] (CPU int32). False: all allowed."""
-        if self._m.is_terminated():   # stop tokens only
-            fill_rows([self._m], bitmask, [row])
+        m = self.synced()
+        if m.is_terminated():   # stop tokens only
+            fill_rows([m], bitmask, [row])
             return True
-        return self._m.fill_next_token_bitmask(bitmask, row)
+        return m.fill_next_token_bitmask(bitmask, row)
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return self._stop_ids
+        return sorted(self._stop_ids)
 
 
 def _bit(i: int) -> int:
@@ -186,18 +205,20 @@ def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
         return None
     vocab_size = requests[rows[0]].sampling_params.grammar.vocab_size
     bitmask = _BUFFERS.get(len(requests), vocab_size)
-    fill_rows([requests[i].matcher._m for i in rows], bitmask, rows)
+    fill_rows([requests[i].matcher.synced() for i in rows], bitmask, rows)
     return FilledMasks(bitmask, rows, vocab_size, time.perf_counter() - t0)
 
 
-def fill_rows(matchers: list[xgr.GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+def fill_rows(matchers: list[xgr.GrammarMatcher], bitmask: torch.Tensor, rows: list[int],
+              batch: xgr.BatchGrammarMatcher | None = None) -> None:
     """bitmask[rows[k]] = the tokens matchers[k] allows next; stop tokens only once it has terminated
-    (nothing may follow, and an all-zero row could not be sampled)."""
+    (nothing may follow, and an all-zero row could not be sampled). Several rows are filled by `batch`
+    (default: xgrammar's thread pool)."""
     live = [k for k, m in enumerate(matchers) if not m.is_terminated()]
     if len(live) > 1:
-        # xgrammar fills the rows on its own threads (outside the GIL): at batch 32 this is the
-        # difference between hiding behind the forward pass and not.
-        _batch_matcher().batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask, [rows[k] for k in live])
+        # In the engine's process xgrammar fills the rows on its own threads, outside the GIL: at
+        # batch 32 this is the difference between hiding behind the forward pass and not.
+        (batch or _batch_matcher()).batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask, [rows[k] for k in live])
     elif live:
         matchers[live[0]].fill_next_token_bitmask(bitmask, rows[live[0]])
     for k in set(range(len(matchers))).difference(live):

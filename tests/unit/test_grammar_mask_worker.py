@@ -101,6 +101,13 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     take(a, tokens[6:8])
     same([a])                                     # rebuilt from all of a's tokens
     assert worker._mirrors[a.arrival_seq][0] == 8
+    # The next step samples only some of the submitted rows, in another order: rows are picked.
+    plain = Seq(None, Params(None), arrival_seq=3)
+    assert worker.submit([a, plain, b])
+    got = worker.collect(order=[2, 1])
+    want = fill_grammar_bitmask([b, plain])
+    assert got.rows == [0] and got.bitmask.shape[0] == 2 and torch.equal(got.bitmask[0], want.bitmask[0])
+    assert worker.submit([a, plain, b]) and worker.collect(order=[]) is None   # nothing constrained goes on
     worker.close()
 
 
