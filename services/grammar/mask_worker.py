@@ -52,24 +52,27 @@ def _pin(t: torch.Tensor) -> bool:
 
 
 class MaskWorker:
-    """The engine's side. `submit(requests, extra)` then `collect()` once per step that uses it."""
+    """The engine's side. `submit(requests, extra)` then `collect()` once per step that uses it.
+    `processes` worker processes (default: one per four CPUs, at most four) split the rows by request."""
 
-    def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1) -> None:
+    def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         os.ftruncate(fd, self.rows * self.words * 4)
         os.close(fd)
         self.bitmask = _shared_bitmask(self._path, self.rows, self.words)
         self._pinned = _pin(self.bitmask)
-        self._gathered = torch.empty(self.bitmask.shape, dtype=torch.int32, pin_memory=self._pinned)   # rows picked by `collect`
-        ours, theirs = socket.socketpair()
+        self._gathered = torch.empty(self.bitmask.shape, dtype=torch.int32, pin_memory=self._pinned)   # see collect
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "services.grammar.mask_worker", str(theirs.fileno()), self._path,
-             str(self.rows), str(self.words)], pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT))
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn, self._path, self.bitmask, self._pinned)
+        self._procs, self._conns = [], []
+        for _ in range(processes or default_processes()):
+            ours, theirs = socket.socketpair()
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-m", "services.grammar.mask_worker", str(theirs.fileno()), self._path,
+                 str(self.rows), str(self.words)], pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
+            theirs.close()
+            self._conns.append(Connection(ours.detach()))
+        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
         self.failed = False
         self._step = 0
         self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [tokens taken, last submission]
@@ -91,10 +94,10 @@ class MaskWorker:
         self._step += 1
         try:
             if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
-                self._conn.send(("reset",))
+                self._broadcast(("reset",))
                 self._grammars.clear()
                 self._mirrors.clear()
-            items = []
+            items: list[list] = [[] for _ in self._conns]
             for i, h in zip(rows, handles):
                 req = requests[i]
                 if id(h) not in self._grammars:
@@ -109,8 +112,10 @@ class MaskWorker:
                     tokens = [*tokens, extra[i]]
                 mirror[0] += len(tokens)
                 mirror[1] = self._step
-                items.append((i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
-            self._conn.send(("step", self._step, items))
+                items[req.arrival_seq % len(items)].append(
+                    (i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
+            for conn, part in zip(self._conns, items):   # every process, so all count the same submissions
+                conn.send(("step", self._step, part))
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
             return False
@@ -124,17 +129,19 @@ class MaskWorker:
         is submitted row order[j] (rows of a step that goes on without some of its sequences)."""
         from services.grammar.matcher import FilledMasks  # noqa: PLC0415 - xgrammar, only once masks are used
         (n, rows, vocab_size), self._pending = self._pending, None
-        try:
-            while True:
-                reply = self._conn.recv()
-                if reply[0] != "ready":
-                    break
-        except (EOFError, OSError) as e:
-            self._fail(f"the worker exited ({e!r}, exit code {self._proc.poll()})")
-            return None
-        if reply[0] != "ok":
-            self._fail(reply[1])
-            return None
+        fill_s = 0.0
+        for conn in self._conns:
+            try:
+                reply = conn.recv()
+                while reply[0] == "ready":
+                    reply = conn.recv()
+            except (EOFError, OSError) as e:
+                self._fail(f"a worker exited ({e!r}, exit codes {[p.poll() for p in self._procs]})")
+                return None
+            if reply[0] != "ok":
+                self._fail(reply[1])
+                return None
+            fill_s = max(fill_s, reply[1])
         bitmask = self.bitmask[:n]
         if order is not None:
             if order == list(range(len(order))):
@@ -146,7 +153,7 @@ class MaskWorker:
                 rows = [j for j, r in enumerate(order) if r in taken]
             if not rows:
                 return None
-        return FilledMasks(bitmask, rows, vocab_size, reply[1])
+        return FilledMasks(bitmask, rows, vocab_size, fill_s)
 
     def close(self) -> None:
         self._finalizer()
@@ -155,9 +162,13 @@ class MaskWorker:
         info = handle.tokenizer_info
         if id(info) not in self._tokenizers:
             self._tokenizers[id(info)] = info
-            self._conn.send(("tokenizer", id(info), info.serialize_json()))
+            self._broadcast(("tokenizer", id(info), info.serialize_json()))
         self._grammars[id(handle)] = handle
-        self._conn.send(("grammar", id(handle), id(info), handle.compiled.serialize_json()))
+        self._broadcast(("grammar", id(handle), id(info), handle.compiled.serialize_json()))
+
+    def _broadcast(self, msg: tuple) -> None:
+        for conn in self._conns:
+            conn.send(msg)
 
     def _fail(self, why: str) -> None:
         log.warning("grammar mask worker: %s; masks are filled in the engine's process from now on", why)
@@ -172,12 +183,18 @@ def _expire(mirrors: dict, step: int) -> None:
             del mirrors[key]
 
 
-def _stop(proc: subprocess.Popen, conn: Connection, path: str, bitmask: torch.Tensor, pinned: bool) -> None:
-    conn.close()   # the worker's recv ends: it exits
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def default_processes() -> int:
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bool) -> None:
+    for conn in conns:
+        conn.close()   # the worker's recv ends: it exits
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     if pinned:
         torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
     try:

@@ -70,7 +70,7 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     """Rows filled by the worker equal the in-process fill after lagging several tokens, after `extra`
     tokens not appended yet, and after the mirror expired and was rebuilt from all the tokens."""
     js, choice = compile_both(info)
-    worker = MaskWorker(4, info.vocab_size)
+    worker = MaskWorker(4, info.vocab_size, processes=2)   # a and b in different processes
     a = Seq(js.new_matcher(), Params(js), arrival_seq=1)
     b = Seq(choice.new_matcher(), Params(choice), arrival_seq=2)
 
@@ -135,8 +135,8 @@ def test_a_dead_worker_loses_nothing(tiny_model_dir, info, caplog):
 
     def kill_on_fifth():
         if worker._step == 5:
-            worker._proc.kill()
-            worker._proc.wait()
+            worker._procs[0].kill()
+            worker._procs[0].wait()
         return step()
     engine.step = kill_on_fifth
     with caplog.at_level(logging.WARNING, logger="services.grammar.mask_worker"):
