@@ -288,13 +288,18 @@ class LLMEngine:
                 continue
             self._append(req, group, int(values[i]), values[n + i], None, now)
             touched[group.request_id] = group
-        masks = None
-        if in_worker:   # (always collected, even when no constrained row goes on)
-            row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
-            masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
-        if late:   # [grammar] step n's tokens are taken: the masks for n+1 (else filled now), then its sampling
+        if not in_worker:
+            if late:   # [grammar] the matchers take step n's tokens, fill the masks for n+1, then its sampling
+                self._inflight = self._launch_sampling(*nxt)
+            return self._outputs(touched)
+        # [grammar] step n's outputs are built while the worker fills, then its masks are collected
+        # (always, even when no constrained row goes on) and n+1's sampling is launched
+        outputs = self._outputs(touched)
+        row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
+        masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
+        if late:
             self._inflight = self._launch_sampling(*nxt, masks)
-        return self._outputs(touched)
+        return outputs
 
     def _fill_masks(self, requests: list[Request]):
         """[grammar] The token masks of a step's sampling rows, filled in the worker if it takes them."""

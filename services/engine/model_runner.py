@@ -151,13 +151,17 @@ class ModelRunner:
 
     def _warm_up_kernels(self) -> None:
         """Compile now what the first steps would compile mid-serving (up to a second each on a fresh
-        machine): the lm_head's GEMV for a single sampled row and the fused sampler."""
+        machine): the lm_head's GEMV for a single sampled row and the fused sampler, also with a grammar mask."""
         if self.device.type != "cuda":
             return
         from services.engine.layers import fused  # noqa: PLC0415
         logits = self.model.compute_logits(torch.zeros(1, self.hf_config.hidden_size, dtype=self.dtype,
                                                        device=self.device))
         fused.sample_rows(logits, torch.zeros(1, device=self.device), 0)   # both of its kernels
+        words = -(-logits.shape[-1] // 32)
+        fused.sample_rows(logits, torch.zeros(1, device=self.device), 0, mask=torch.full(
+            (1, words), -1, dtype=torch.int32, device=self.device), mask_limit=torch.zeros(1, dtype=torch.int32,
+                                                                                          device=self.device))
 
     # ---- block import / export (the KV tier's seam) ------------------------------------------
     def export_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -139,9 +139,11 @@ class Sampler:
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
         self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None,
+                       grammar: bool = True) -> torch.Tensor:
         """Everything that changes the model's distribution before temperature. logits: [B, V] float32.
-        grammar_masks: fill_grammar_bitmask(requests) when the engine already filled them."""
+        grammar_masks: fill_grammar_bitmask(requests) when the engine already filled them; grammar=False:
+        the caller applies them."""
         device = logits.device
         params = [r.sampling_params for r in requests]
         for i, (r, sp) in enumerate(zip(requests, params)):
@@ -166,7 +168,7 @@ class Sampler:
             tensor = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=device)  # noqa: E731
             logits[idx] = apply_penalties(logits[idx], seen, counts, tensor("repetition_penalty"),
                                           tensor("frequency_penalty"), tensor("presence_penalty"))
-        if any(r.matcher is not None for r in requests):
+        if grammar and any(r.matcher is not None for r in requests):
             from services.grammar.matcher import apply_grammar_masks  # noqa: PLC0415
             apply_grammar_masks(logits, requests, grammar_masks)
         return logits
@@ -218,12 +220,20 @@ class Sampler:
         token_list = [int(t) for t in both[:len(requests)]]
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
-    def _sample_fused(self, logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_fused(self, logits: torch.Tensor, requests: list[Request],
+                      masks=None) -> tuple[torch.Tensor, torch.Tensor]:
         """GPU rows with temperature alone (or greedy), unseeded: one Triton pass per row (layers/fused.py)
-        instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed."""
+        instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed.
+        `masks` (matcher.FilledMasks): the grammar's token bitmasks, applied inside that pass."""
         temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
                          torch.float32, logits.device)
-        return fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31))
+        mask = limit = None
+        if masks is not None:
+            rows = set(masks.rows)
+            limit = on_device([masks.vocab_size if i in rows else -1 for i in range(len(requests))], torch.int32,
+                              logits.device)
+            mask = masks.bitmask.to(logits.device, non_blocking=True)
+        return fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31), mask=mask, mask_limit=limit)
 
     def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
         tokens, chosen = self._sample_fused(logits, requests)
@@ -235,8 +245,16 @@ class Sampler:
     def launch(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
         receives tokens then logprobs, an event set once it has, or None on the CPU). For
-        `plain_sampling` rows only."""
-        tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests, grammar_masks), requests)
+        `plain_sampling` rows only, none of them with a min_tokens ban pending (a grammar's masks are
+        applied inside the sampling kernel, where nothing else could leave a row empty)."""
+        if grammar_masks is None and any(r.matcher is not None for r in requests):
+            from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
+            grammar_masks = fill_grammar_bitmask(requests)
+        tokens, chosen = self._sample_fused(self.process_logits(logits.float(), requests, grammar=False), requests,
+                                            grammar_masks)
+        if grammar_masks is not None:
+            from services.telemetry import metrics  # noqa: PLC0415
+            metrics.GRAMMAR_MASK_SECONDS.observe(grammar_masks.fill_s)
         cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
         host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=cuda)
         host.copy_(torch.cat([tokens.double(), chosen.double()]), non_blocking=cuda)

@@ -102,6 +102,27 @@ def test_sample_rows_split_vocabulary_draws_the_same_tokens(rows, vocab):
     assert split[0] == logits[0].argmax()
 
 
+@pytest.mark.parametrize("rows", [1, 32])
+def test_sample_rows_with_a_grammar_bitmask_is_xgrammars_mask_applied_first(rows):
+    """The bitmask inside the sampling kernel gives the tokens and logprobs of the logits masked by
+    xgrammar's own kernel (a 128k vocabulary padded to 128,512 logits), unconstrained rows untouched."""
+    from services.grammar.matcher import apply_token_bitmask  # noqa: PLC0415
+    g = torch.Generator("cuda").manual_seed(rows)
+    vocab, width = 128256, 128512
+    logits = torch.randn(rows, width, device="cuda", generator=g) * 4
+    mask = torch.randint(-2**31, 2**31 - 1, (rows, -(-vocab // 32)), device="cuda", generator=g, dtype=torch.int32)
+    mask[0] &= torch.randint(-2**31, 2**31 - 1, mask[0].shape, device="cuda", generator=g, dtype=torch.int32)
+    constrained = [i for i in range(rows) if i % 3 != 1]
+    limit = torch.tensor([vocab if i in constrained else -1 for i in range(rows)], dtype=torch.int32, device="cuda")
+    temp = torch.tensor([0.0, 0.8, 1.3] * rows, device="cuda")[:rows]
+    want = logits.clone()
+    apply_token_bitmask(want, mask, constrained, vocab)
+    tokens, lps = fused.sample_rows(logits, temp, seed=5, mask=mask, mask_limit=limit)
+    ref, ref_lp = fused.sample_rows(want, temp, seed=5)
+    assert torch.equal(tokens, ref)
+    torch.testing.assert_close(lps, ref_lp)
+
+
 def test_sample_rows_follows_the_tempered_distribution():
     """8 tokens, temperature 0.7, 4000 rows: observed counts against softmax(logits / 0.7)."""
     base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, float("-inf")], device="cuda")

@@ -27,6 +27,32 @@ def test_split_rows_draw_what_one_program_a_row_draws(splits):
     torch.testing.assert_close(lps, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_token_bitmask_in_the_kernel_is_the_bitmask_applied_first(splits):
+    """Rows with a limit keep the tokens below it whose bit is set (bit 31 included); a row whose limit
+    is -1 is untouched: tokens and logprobs as if the masked logits had been -inf."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5000, generator=g) * 4
+    mask = torch.randint(-2**31, 2**31 - 1, (3, 160), generator=g, dtype=torch.int32)   # 5120 bits a row
+    limit = torch.tensor([4990, -1, 5000], dtype=torch.int32)
+    mask[2] = 0
+    mask[2, 3] = -2**31 | 1                                # only tokens 96 and 127 allowed
+    temp = torch.tensor([0.9, 0.0, 1.1])
+    want = logits.clone()
+    want[0] = _masked(logits[0], mask[0], 4990)
+    want[2] = _masked(logits[2], mask[2], 5000)
+    tokens, lps = fused.sample_rows(logits, temp, seed=3, splits=splits, mask=mask, mask_limit=limit)
+    ref, ref_lp = fused.sample_rows(want, temp, seed=3, splits=splits)
+    assert torch.equal(tokens, ref) and tokens[2] in (96, 127)
+    torch.testing.assert_close(lps, ref_lp)
+
+
+def _masked(row: torch.Tensor, words: torch.Tensor, limit: int) -> torch.Tensor:
+    bits = ((words.to(torch.int64)[:, None] >> torch.arange(32)) & 1).flatten()[:row.shape[0]].bool()
+    bits[limit:] = False
+    return row.masked_fill(~bits, float("-inf"))
+
+
 @pytest.mark.parametrize("n,k,bias", [(1152, 896, True), (896, 4864, False), (37, 100, False)])
 def test_gemv_is_a_one_row_linear(n, k, bias):
     g = torch.Generator().manual_seed(n)

@@ -199,17 +199,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["seed", "SPLITS"])   # one compiled kernel for every step's seed and batch size
-def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SPLITS, BLOCK: tl.constexpr):
+def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SPLITS, Mask, MaskLimit, mask_stride,
+                   BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     """One row's chunk of the vocabulary: Gumbel-max sampling at the row's temperature (0: argmax), and
     the chosen token's log-probability under the untempered row (logit - logsumexp), in one pass. With
     one chunk a row (SPLITS == 1) it writes the results; otherwise its partial (max, sum of exp, best
-    score, best index) for `_sample_merge_kernel`."""
+    score, best index) for `_sample_merge_kernel`. HAS_MASK: a row with MaskLimit >= 0 keeps only the
+    tokens below it whose bit is set in its row of Mask (int32 words, a grammar's token bitmask)."""
     pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
     temp = tl.load(Temp + row)
+    limit = tl.load(MaskLimit + row) if HAS_MASK else -1
     inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)   # greedy rows: 1 (their score is x), so -inf * 0 never makes NaN
     noise = tl.where(temp > 0, 1.0, 0.0)
     m = tl.full([], float("-inf"), tl.float32)
@@ -220,6 +223,10 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SP
         offs = start + tl.arange(0, BLOCK)
         ok = offs < hi
         x = tl.load(Logits + row * stride + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        if HAS_MASK:
+            if limit >= 0:
+                words = tl.load(Mask + row * mask_stride + offs // 32, mask=ok & (offs < limit), other=0)
+                x = tl.where(((words >> (offs % 32)) & 1) != 0, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
@@ -272,12 +279,15 @@ SAMPLE_PROGRAMS = 256   # rows x chunks to aim for: a few small batches' rows wo
 MAX_SPLITS = 128        # chunks a row at most (one merge kernel for every batch size: no compile per shape)
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
-                splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int, splits: int | None = None,
+                mask: torch.Tensor | None = None, mask_limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32, temperature [B] (0 = greedy). Returns (tokens [B] int64, logprobs [B]):
     the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise. Small
     batches split each row's vocabulary over several programs (`splits`, default: enough for about
-    SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their partials in a second kernel."""
+    SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their partials in a second kernel.
+    `mask` int32 [B, W] (token bitmasks) with `mask_limit` int32 [B]: row i samples only the tokens
+    below mask_limit[i] whose bit is set in mask[i], as if the others' logits were -inf; a row whose
+    limit is -1 is not masked."""
     b, v = logits.shape
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     lps = torch.empty(b, dtype=torch.float32, device=logits.device)
@@ -288,8 +298,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
     chunk = triton.cdiv(blocks, want) * SAMPLE_BLOCK
     n = triton.cdiv(v, chunk)
     part = torch.empty(b * n * 4 if n > 1 else 1, dtype=torch.float32, device=logits.device)
+    has_mask = mask is not None
     _sample_kernel[(b, n)](logits, logits.stride(0), temperature, tokens, lps, part, v, chunk, seed, n,
-                           BLOCK=SAMPLE_BLOCK, num_warps=8, **PDL_LAUNCH)
+                           mask if has_mask else tokens, mask_limit if has_mask else tokens,
+                           mask.stride(0) if has_mask else 0, BLOCK=SAMPLE_BLOCK, HAS_MASK=has_mask, num_warps=8,
+                           **PDL_LAUNCH)
     if n > 1:
         _sample_merge_kernel[(b,)](logits, logits.stride(0), tokens, lps, part, n,
                                    BLOCK_S=MAX_SPLITS, num_warps=1, **PDL_LAUNCH)
