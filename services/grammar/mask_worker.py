@@ -75,7 +75,7 @@ class MaskWorker:
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
         self.failed = False
         self._step = 0
-        self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [tokens taken, last submission]
+        self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [token_ids taken, last submission]
         self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
         self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
         self._pending: tuple[int, list[int], int] | None = None
@@ -102,15 +102,16 @@ class MaskWorker:
                 req = requests[i]
                 if id(h) not in self._grammars:
                     self._register(h)
-                out = req.output_token_ids
                 mirror = self._mirrors.get(req.arrival_seq)
                 new = mirror is None
                 if new:
-                    mirror = self._mirrors[req.arrival_seq] = [0, 0]
-                tokens = out[mirror[0]:]
+                    mirror = self._mirrors[req.arrival_seq] = [len(req.prompt_token_ids), 0]
+                ids = req.token_ids
+                tokens = ids[mirror[0]:] if mirror[0] < len(ids) else []   # usually none: the newest is `extra`
+                mirror[0] = len(ids)
                 if extra is not None and i in extra:
-                    tokens = [*tokens, extra[i]]
-                mirror[0] += len(tokens)
+                    tokens.append(extra[i])
+                    mirror[0] += 1
                 mirror[1] = self._step
                 items[req.arrival_seq % len(items)].append(
                     (i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))

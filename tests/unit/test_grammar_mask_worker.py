@@ -35,7 +35,8 @@ class Seq:
     matcher: object
     sampling_params: object
     arrival_seq: int
-    output_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=lambda: [1, 2])
+    token_ids: list[int] = field(default_factory=lambda: [1, 2])
 
 
 @dataclass
@@ -85,22 +86,22 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     def take(seq, tokens):   # what the engine does when it appends tokens
         for t in tokens:
             assert seq.matcher.accept_token(t)
-            seq.output_token_ids.append(t)
+            seq.token_ids.append(t)
 
     tokens = _greedy_tokens(js, info, 8)
     same([a, b])
     take(a, tokens[:5])                           # five tokens behind: the mirror takes them at once
     same([a, b])
     take(a, tokens[5:6])
-    a.output_token_ids.pop()                      # step n's token, not appended yet: sent as `extra`
+    a.token_ids.pop()                             # step n's token, not appended yet: sent as `extra`
     same([b, a], extra={1: tokens[5]})
-    a.output_token_ids.append(tokens[5])
+    a.token_ids.append(tokens[5])
     for _ in range(2 * EXPIRE_STEPS):             # `a` unused: both sides drop its mirror
         same([b])
     assert a.arrival_seq not in worker._mirrors
     take(a, tokens[6:8])
     same([a])                                     # rebuilt from all of a's tokens
-    assert worker._mirrors[a.arrival_seq][0] == 8
+    assert worker._mirrors[a.arrival_seq][0] == 2 + 8
     # The next step samples only some of the submitted rows, in another order: rows are picked.
     plain = Seq(None, Params(None), arrival_seq=3)
     assert worker.submit([a, plain, b])
