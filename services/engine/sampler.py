@@ -138,6 +138,7 @@ class Sampler:
         self.seed = seed
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
         self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
+        self._mask_limit: tuple = (None, None)                 # (batch, vocab, rows) -> per-row mask limits
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None,
                        grammar: bool = True) -> torch.Tensor:
@@ -228,10 +229,13 @@ class Sampler:
         temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
                          torch.float32, logits.device)
         mask = limit = None
-        if masks is not None:
-            rows = set(masks.rows)
-            limit = on_device([masks.vocab_size if i in rows else -1 for i in range(len(requests))], torch.int32,
-                              logits.device)
+        if masks is not None:   # the rows' limits repeat from step to step: kept on the device
+            key = (len(requests), masks.vocab_size, tuple(masks.rows))
+            if self._mask_limit[0] != key:
+                rows = set(masks.rows)
+                self._mask_limit = (key, on_device([masks.vocab_size if i in rows else -1
+                                                    for i in range(len(requests))], torch.int32, logits.device))
+            limit = self._mask_limit[1]
             mask = masks.bitmask.to(logits.device, non_blocking=True)
         return fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31), mask=mask, mask_limit=limit)
 
