@@ -392,6 +392,37 @@ def _grown_tiny_tokenizer(vocab: int) -> dict:
     return tok
 
 
+def plot_masks(paths: list[str], out: str) -> None:
+    """Per-round throughput loss of constrained decoding against unconstrained, per model and batch:
+    masks filled by the engine's mask worker and in its own process (bench JSONs with --rounds)."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        batches = [k for k in run["masks"] if k.startswith("batch_")]
+        for j, (name, label, color) in enumerate([("json_schema", "as run (mask worker at 4+ rows)", "tab:blue"),
+                                                  ("json_schema_in_process", "filled in process", "tab:orange")]):
+            for i, b in enumerate(batches):
+                losses = run["masks"][b].get(name, {}).get("throughput_loss_pct_rounds", [])
+                x = i + (j - 0.5) * 0.3
+                ax.scatter([x] * len(losses), losses, s=14, color=color, alpha=0.6, label=label if not i else None)
+                if losses:
+                    ax.hlines(statistics.median(losses), x - 0.12, x + 0.12, color=color, lw=2.5)
+        ax.axhline(5, color="grey", ls="--", lw=1)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(range(len(batches)), [b.replace("_", " ") for b in batches])
+        ax.set_title(f"{run['model']}, {run['vocab_size']:,} tokens ({run['tokenizer']})", fontsize=9)
+        ax.set_ylabel("throughput loss, %")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Grammar masks on {runs[0]['device']}: JSON Schema rows vs unconstrained, per round "
+                 "(bar: median; dashed: the 5 % goal)", fontsize=10)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -411,7 +442,11 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["compile", "masks"], choices=["compile", "masks"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="directory for cProfile tables of the constrained runs")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="only plot these results' per-round mask losses to --out (a PNG)")
     a = ap.parse_args()
+    if a.plot:
+        return plot_masks(a.plot, a.out or "grammar_masks.png")
     global THREADS
     THREADS = a.compile_threads
 
@@ -432,7 +467,7 @@ def main() -> None:
         info = tokenizer_info_from_hf(eng.tokenizer, eng.vocab_size, sorted(eng.eos_token_ids))
     compile_info = compile_tokenizer_info(a.compile_vocab, a.tokenizer) if a.compile_vocab else \
         info or tokenizer_info_from_model_dir(model)
-    result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
+    result = {"command": "python -m loadtest.bench_grammar " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
               "model": a.config or "tiny-target", "vocab_size": info.vocab_size if info else None,
               "tokenizer": a.tokenizer or ("synthetic" if a.config else "tiny-target"),
               "compile_vocab_size": compile_info.vocab_size, "compile_threads": THREADS,
