@@ -192,8 +192,6 @@ class LLMEngine:
         self.scheduler.update(sched.scheduled)
         if self._can_overlap(sched.scheduled, rows):   # tokens are read next step, after launching it
             self._inflight = self._launch_sampling(logits, sched.scheduled, masks)
-            if masks is not None and self.mask_worker is not None:   # [grammar] the next masks, from the tokens
-                self.mask_worker.submit_ahead([s.request for s in sched.scheduled], self._inflight.tokens)
             return []
         touched: dict[str, RequestGroup] = {}
         if sampling:
@@ -265,24 +263,22 @@ class LLMEngine:
         if self.kv_tier is not None:   # fetched requests wait in the queue: the next step is a synchronous one
             for r in self.kv_tier.ready():
                 self.scheduler.add(r)
-        # [grammar] with the mask worker, step n's constrained rows went to it when n's sampling was
-        # launched (submit_ahead): its processes take n's tokens as soon as the GPU has them and fill the
-        # masks of n+1 while this thread launches n+1's forward pass and appends n's tokens. Otherwise
-        # (the first such step) they are sent here: before n+1's launch if n's tokens are on the host
-        # already, else after it, so the GPU never waits for this.
-        w = self.mask_worker
-        values = None if w is None or w.submitted else self._submit_masks(prev, early=True)
+        # [grammar] with the mask worker, step n's constrained rows go to it as soon as their tokens are
+        # on the host: its mirrors take them and fill the masks of step n+1 while this thread launches
+        # n+1's forward pass and appends the tokens. When the host is the slower side (a small model at
+        # batch 32) the tokens are there already; otherwise (a GPU-bound step) they are sent after the
+        # launch, so the GPU never waits for this.
+        values = self._submit_masks(prev, early=True)
         nxt = self._launch_next(prev)   # None: the next step() is a synchronous one
         late = nxt is not None and any(s.request.matcher is not None for s in nxt[1])
         if nxt is not None and not late:
             self._inflight = self._launch_sampling(*nxt)
-        in_worker = w is not None and w.submitted
+        in_worker = values is not None
         if values is None:
             if prev.ready is not None:
                 prev.ready.synchronize()
             values = prev.host.tolist()
-            if late and not in_worker:
-                in_worker = self._submit_masks(prev, values=values) is not None
+            in_worker = late and self._submit_masks(prev, values=values) is not None
         n, now = len(prev.scheduled), time.time()
         touched: dict[str, RequestGroup] = {}
         for i, s in enumerate(prev.scheduled):
@@ -300,10 +296,9 @@ class LLMEngine:
         # (always, even when no constrained row goes on) and n+1's sampling is launched
         outputs = self._outputs(touched)
         row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
-        masks = w.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
+        masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
         if late:
             self._inflight = self._launch_sampling(*nxt, masks)
-            w.submit_ahead([s.request for s in nxt[1]], self._inflight.tokens)
         return outputs
 
     def _fill_masks(self, requests: list[Request]):

@@ -40,18 +40,8 @@ MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker befor
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _layout(rows: int, words: int) -> tuple[int, int]:
-    """(where the int64 part starts, the whole size), in int32 elements."""
-    off = -(-rows * words // 2) * 2
-    return off, off + 2 * (rows + 1)
-
-
-def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared file: the bitmask (int32 [rows, words]), then int64 [rows + 1]: a step's sampled
-    tokens row by row and, last, the number of the step whose tokens they are."""
-    off, size = _layout(rows, words)
-    whole = torch.from_file(path, shared=True, size=size, dtype=torch.int32)
-    return whole, whole[:rows * words].view(rows, words), whole[off:].view(torch.int64)
+def _shared_bitmask(path: str, rows: int, words: int) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=rows * words, dtype=torch.int32).view(rows, words)
 
 
 def _pin(t: torch.Tensor) -> bool:
@@ -68,13 +58,11 @@ class MaskWorker:
     def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, _layout(self.rows, self.words)[1] * 4)
+        os.ftruncate(fd, self.rows * self.words * 4)
         os.close(fd)
-        whole, self.bitmask, self._tokens = _shared(self._path, self.rows, self.words)
-        self._pinned = _pin(whole)
+        self.bitmask = _shared_bitmask(self._path, self.rows, self.words)
+        self._pinned = _pin(self.bitmask)
         self._gathered = torch.empty(self.bitmask.shape, dtype=torch.int32, pin_memory=self._pinned)   # see collect
-        self._device_seq: torch.Tensor | None = None
-        self._seq = 0
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         self._procs, self._conns = [], []
         for _ in range(processes or default_processes()):
@@ -84,7 +72,7 @@ class MaskWorker:
                  str(self.rows), str(self.words)], pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
             theirs.close()
             self._conns.append(Connection(ours.detach()))
-        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, whole, self._pinned)
+        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
         self.failed = False
         self._step = 0
         self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [token_ids taken, last submission]
@@ -92,27 +80,10 @@ class MaskWorker:
         self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
         self._pending: tuple[int, list[int], int] | None = None
 
-    @property
-    def submitted(self) -> bool:
-        """A submission waits to be collected."""
-        return self._pending is not None
-
     def submit(self, requests: list, extra: dict[int, int] | None = None) -> bool:
         """Send the tokens of the constrained rows (row i = requests[i]) that their mirrors lack, plus
         `extra[i]`, row i's token not appended yet; the worker then fills those rows. False (nothing
         sent) when the worker is not worth it or cannot take this step: fill in process then."""
-        return self._send(requests, extra, None)
-
-    def submit_ahead(self, requests: list, tokens: torch.Tensor) -> bool:
-        """`submit` as a step's sampling is launched: `tokens` (its sampled tokens, row by row, on the
-        device) follow the rows' tokens so far. They are copied to the shared memory behind the
-        sampling, then the step's number, which the workers wait for; so they take the tokens and fill
-        the next masks as soon as the GPU has them, while the engine thread does the step's other work."""
-        return self._send(requests, None, tokens)
-
-    def _send(self, requests: list, extra: dict[int, int] | None, ahead: torch.Tensor | None) -> bool:
-        if self._pending is not None:   # never left uncollected: the workers answer every submission
-            self.collect([])
         rows = [i for i, r in enumerate(requests) if r.matcher is not None]
         if self.failed or len(rows) < self.min_rows or len(requests) > self.rows:
             return False
@@ -121,10 +92,6 @@ class MaskWorker:
         if any(h.vocab_size != vocab_size for h in handles) or vocab_size > self.words * 32:
             return False
         self._step += 1
-        seq = None
-        if ahead is not None:
-            self._seq = seq = self._seq + 1
-            self._publish(ahead, seq)
         try:
             if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
                 self._broadcast(("reset",))
@@ -140,34 +107,22 @@ class MaskWorker:
                 if new:
                     mirror = self._mirrors[req.arrival_seq] = [len(req.prompt_token_ids), 0]
                 ids = req.token_ids
-                tokens = ids[mirror[0]:] if mirror[0] < len(ids) else []   # usually none: the newest is extra
+                tokens = ids[mirror[0]:] if mirror[0] < len(ids) else []   # usually none: the newest is `extra`
                 mirror[0] = len(ids)
                 if extra is not None and i in extra:
                     tokens.append(extra[i])
-                    mirror[0] += 1
-                elif seq is not None:   # the newest comes through the shared memory
                     mirror[0] += 1
                 mirror[1] = self._step
                 items[req.arrival_seq % len(items)].append(
                     (i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
             for conn, part in zip(self._conns, items):   # every process, so all count the same submissions
-                conn.send(("step", self._step, part, seq))
+                conn.send(("step", self._step, part))
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
             return False
         _expire(self._mirrors, self._step)
         self._pending = (len(requests), rows, vocab_size)
         return True
-
-    def _publish(self, tokens: torch.Tensor, seq: int) -> None:
-        """Queue behind the sampling: its tokens into the shared memory, then `seq` after them."""
-        n = tokens.shape[0]
-        if self._device_seq is None or self._device_seq.device != tokens.device:
-            self._device_seq = torch.zeros(1, dtype=torch.int64, device=tokens.device)
-        cuda = tokens.is_cuda
-        self._tokens[:n].copy_(tokens, non_blocking=cuda)
-        self._device_seq.fill_(seq)
-        self._tokens[self.rows:].copy_(self._device_seq, non_blocking=cuda)
 
     def collect(self, order: list[int] | None = None):
         """The rows filled for the last `submit` (a matcher.FilledMasks over the shared bitmask), or
@@ -236,7 +191,7 @@ def default_processes() -> int:
     return max(1, min(4, cpus // 4))
 
 
-def _stop(procs: list, conns: list, path: str, shared: torch.Tensor, pinned: bool) -> None:
+def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bool) -> None:
     for conn in conns:
         conn.close()   # the worker's recv ends: it exits
     for proc in procs:
@@ -245,7 +200,7 @@ def _stop(procs: list, conns: list, path: str, shared: torch.Tensor, pinned: boo
         except subprocess.TimeoutExpired:
             proc.kill()
     if pinned:
-        torch.cuda.cudart().cudaHostUnregister(shared.data_ptr())
+        torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -253,7 +208,7 @@ def _stop(procs: list, conns: list, path: str, shared: torch.Tensor, pinned: boo
 
 
 # ---- the worker process ------------------------------------------------------------------------
-def serve(conn: Connection, bitmask: torch.Tensor, shared: torch.Tensor) -> None:
+def serve(conn: Connection, bitmask: torch.Tensor) -> None:
     import xgrammar as xgr  # noqa: PLC0415
 
     from services.grammar.matcher import fill_rows  # noqa: PLC0415
@@ -261,7 +216,6 @@ def serve(conn: Connection, bitmask: torch.Tensor, shared: torch.Tensor) -> None
     infos: dict[int, Any] = {}
     grammars: dict[int, Any] = {}
     mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
-    tokens = shared.numpy()                # a step's tokens row by row, then that step's number
     conn.send(("ready",))
     while True:
         try:
@@ -270,17 +224,15 @@ def serve(conn: Connection, bitmask: torch.Tensor, shared: torch.Tensor) -> None
             return
         try:
             if msg[0] == "step":
-                step, items, seq = msg[1], msg[2], msg[3]
-                if seq is not None:
-                    _wait_for(tokens, seq)
                 t0 = time.perf_counter()
+                step, items = msg[1], msg[2]
                 matchers, rows = [], []
-                for row, key, taken, new in items:
+                for row, key, tokens, new in items:
                     if new is not None:
                         gid, stop_ids = new
                         mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
                     mirror = mirrors[key]
-                    for t in (taken if seq is None else [*taken, int(tokens[row])]):
+                    for t in tokens:
                         mirror[0].accept_token(t)
                     mirror[1] = step
                     matchers.append(mirror[0])
@@ -300,21 +252,10 @@ def serve(conn: Connection, bitmask: torch.Tensor, shared: torch.Tensor) -> None
             return
 
 
-def _wait_for(tokens, seq: int, timeout_s: float = 30.0) -> None:
-    """Until the step numbered `seq` has its tokens in the shared memory (the GPU writes the number
-    after them). Polls every ~20 us: a step's tokens arrive within its forward pass (ms)."""
-    deadline = time.monotonic() + timeout_s
-    while tokens[-1] < seq:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the tokens of step {seq} did not arrive in {timeout_s:.0f} s")
-        time.sleep(20e-6)
-
-
 def main(argv: list[str]) -> None:
     fd, path, rows, words = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
     torch.set_num_threads(1)
-    _, bitmask, shared = _shared(path, rows, words)
-    serve(Connection(fd), bitmask, shared)
+    serve(Connection(fd), _shared_bitmask(path, rows, words))
 
 
 if __name__ == "__main__":
