@@ -413,7 +413,8 @@ def plot_masks(paths: list[str], out: str) -> None:
         ax.axhline(5, color="grey", ls="--", lw=1)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_xticks(range(len(batches)), [b.replace("_", " ") for b in batches])
-        ax.set_title(f"{run['model']}, {run['vocab_size']:,} tokens ({run['tokenizer']})", fontsize=9)
+        ax.set_title(f"{run['model']}, {run['vocab_size']:,} tokens ({run['tokenizer']})"
+                     + (f"\n{run['note'][:60]}" if run.get("note") else ""), fontsize=9)
         ax.set_ylabel("throughput loss, %")
         ax.legend(fontsize=8)
     fig.suptitle(f"Grammar masks on {runs[0]['device']}: JSON Schema rows vs unconstrained, per round "
