@@ -38,9 +38,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4              # k: most guesses per sequence per step
     speculative_adaptive: bool = True            # per-sequence k from recent acceptance and measured cost
     speculative_disable_batch_size: int | None = 32   # more running sequences than this: no speculation
-    # Structured output: "auto" fills the masks of steps with 4+ constrained rows in a worker process on a
-    # GPU (services/grammar/mask_worker.py) and in the engine's own process otherwise; "on": every such
-    # step in the worker; "off": never.
+    # Structured output: "auto" fills the masks of steps with 4+ constrained rows in worker processes on a
+    # GPU (services/grammar/mask_worker.py) and in the engine's own process otherwise; "on": every step
+    # with a constrained row in the workers (also on the CPU); "off": never.
     grammar_mask_worker: str = "auto"
 
     def __post_init__(self) -> None:

@@ -138,7 +138,7 @@ class Sampler:
         self.seed = seed
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
         self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
-        self._mask_limit: tuple = (None, None)                 # (batch, vocab, rows) -> per-row mask limits
+        self._mask_limit: tuple = (None, None)                 # ((batch, vocab, rows), per-row mask limits)
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None,
                        grammar: bool = True) -> torch.Tensor:

@@ -2,18 +2,18 @@
 
 With a small model at batch 32 a decode step takes as long on the host as on the GPU, so filling 32
 rows' masks on the engine thread (0.5-1 ms) lengthens every step, and a thread cannot help: the fill
-and the engine's Python work both want the GIL. The mask worker is a process that owns a mirror of
-every constrained sequence's matcher. Each step the engine sends the tokens the mirrors have not
-taken yet (`submit`), goes on with its own work (appending step n's tokens, stop checks) while the
-worker takes them and fills the rows of a bitmask in shared memory, then picks the rows up
-(`collect`) and launches sampling.
+and the engine's Python work both want the GIL. The mask worker is a few processes that own mirrors of
+the constrained sequences' matchers (each its share of the sequences). Each step the engine sends the
+tokens the mirrors have not taken yet (`submit`), goes on with its own work (appending step n's tokens,
+stop checks, outputs) while the workers take them and fill their rows of a bitmask in shared memory,
+then picks the rows up (`collect`) and launches sampling.
 
 The engine keeps its own matchers (stop checks, speculative decoding's rollbacks, and the fill when the
 worker is not used), so a mirror only ever follows its request's output tokens: it can lag any number
 of steps and catches up by taking them all at once. Every EXPIRE_STEPS submissions, the mirrors unused
 for that long are dropped on both sides (the same rule, so no message is needed); a request that comes
-back gets a new one. If the worker fails or exits, `collect` returns None, the engine fills in process from then on,
-and nothing is lost: its own matchers never depended on the worker.
+back gets a new one. If a worker fails or exits, `collect` returns None, the engine fills in process
+from then on, and nothing is lost: its own matchers never depended on the workers.
 
     python -m services.grammar.mask_worker FD PATH ROWS WORDS     (started by MaskWorker, not by hand)
 """
