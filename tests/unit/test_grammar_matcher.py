@@ -62,6 +62,24 @@ def test_accept_terminate_and_rollback(info):
     assert allowed(logits[0]) == {EOS}
 
 
+def test_deferred_tokens_are_taken_when_the_matcher_is_next_used(info):
+    """`defer` (how the engine appends): non-stop tokens wait, and the matcher behaves as if it had
+    taken them at once; a stop token is taken at once, so termination is never late."""
+    h = handle(info, GrammarSpec.choice(["yes", "no"]))
+    eager, lazy = h.new_matcher(), h.new_matcher()
+    eager.accept_token(Y)
+    lazy.defer(Y)
+    assert not lazy.is_terminated() and lazy.num_accepted == 0   # not taken yet
+    want, got = allocate_token_bitmask(1, h.vocab_size), allocate_token_bitmask(1, h.vocab_size)
+    eager.fill_next_token_bitmask(want, 0)
+    lazy.fill_next_token_bitmask(got, 0)                         # taken here
+    assert torch.equal(got, want) and lazy.num_accepted == 1
+    lazy.defer(ES)
+    assert lazy.is_completed() and not lazy.is_terminated()
+    lazy.defer(EOS)                                              # a stop token: taken now
+    assert lazy.is_terminated() and lazy.num_accepted == 3
+
+
 def test_high_token_ids_use_the_sign_bit_word(info):
     # t31 sits at id 44 (word 1, bit 12); t19 at id 32 (word 1, bit 0); id 31 = t18 (word 0, bit 31).
     h = handle(info, GrammarSpec.choice(["t18", "t19", "t31"]))
