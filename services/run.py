@@ -148,14 +148,16 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, serve_env:
         # itself at once, so Ctrl-C need not wait that long.
         ha = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
         _LOCAL_DIRS.append(ha)
-        ports = _free_port_block(64)
+        # (All below the ephemeral range: a port that was free when picked there can be taken by
+        # an outgoing connection before HAProxy binds it, minutes later, once Serve is up.)
+        ports = _free_port_block(66)
         env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports + 31),
                 "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ports + 32),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ports + 63),
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(ports + 64),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(ports + 65),
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha),
