@@ -74,6 +74,7 @@ class MaskWorker:
             self._conns.append(Connection(ours.detach()))
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
         self.failed = False
+        self._ready = 0
         self._step = 0
         self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [token_ids taken, last submission]
         self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
@@ -135,6 +136,9 @@ class MaskWorker:
             try:
                 reply = conn.recv()
                 while reply[0] == "ready":
+                    self._ready += 1
+                    if self._ready == len(self._conns):   # all have mapped the file: it can go (no leak
+                        _unlink(self._path)                # in /dev/shm if this process is killed)
                     reply = conn.recv()
             except (EOFError, OSError) as e:
                 self._fail(f"a worker exited ({e!r}, exit codes {[p.poll() for p in self._procs]})")
@@ -201,6 +205,10 @@ def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bo
             proc.kill()
     if pinned:
         torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
+    _unlink(path)
+
+
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

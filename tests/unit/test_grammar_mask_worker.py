@@ -5,6 +5,7 @@ with nothing lost."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -90,6 +91,7 @@ def test_mirrors_catch_up_expire_and_come_back(info):
 
     tokens = _greedy_tokens(js, info, 8)
     same([a, b])
+    assert not os.path.exists(worker._path)      # every worker has it mapped: the shared file is unlinked
     take(a, tokens[:5])                           # five tokens behind: the mirror takes them at once
     same([a, b])
     take(a, tokens[5:6])
