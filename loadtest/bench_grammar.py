@@ -302,7 +302,7 @@ def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | No
             runs["unconstrained"].append(steady_state(llm, b, free_params, steps, warmup=4))
             for name, w in variants.items():
                 eng.mask_worker = w
-                prof = profile_dir and r == 0 and f"{profile_dir}/grammar_masks_b{b}{name[11:]}.txt"
+                prof = profile_dir and r == 0 and f"{profile_dir}/grammar_masks_b{b}{name.removeprefix('json_schema')}.txt"
                 runs[name].append(profiled(lambda: steady_state(llm, b, cons_params, steps, warmup=4), prof))
         eng.mask_worker = worker
         res = {"rounds": rounds, "unconstrained": _median_run(runs["unconstrained"])}

@@ -137,8 +137,8 @@ class MaskWorker:
                 reply = conn.recv()
                 while reply[0] == "ready":
                     self._ready += 1
-                    if self._ready == len(self._conns):   # all have mapped the file: it can go (no leak
-                        _unlink(self._path)                # in /dev/shm if this process is killed)
+                    if self._ready == len(self._conns):   # all have mapped the file: it can go, and
+                        Path(self._path).unlink(missing_ok=True)   # a killed engine leaves nothing in /dev/shm
                     reply = conn.recv()
             except (EOFError, OSError) as e:
                 self._fail(f"a worker exited ({e!r}, exit codes {[p.poll() for p in self._procs]})")
@@ -205,14 +205,7 @@ def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bo
             proc.kill()
     if pinned:
         torch.cuda.cudart().cudaHostUnregister(bitmask.data_ptr())
-    _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    Path(path).unlink(missing_ok=True)
 
 
 # ---- the worker process ------------------------------------------------------------------------
