@@ -74,12 +74,9 @@ def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: i
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def check_overlapped_grammar(llm, prompts: list) -> None:
-    """Constrained rows decode overlapped too (each step's masks filled while its forward pass runs),
-    beside an unconstrained row: the same text as step by step, every finished output valid, the
-    choice row that completes its grammar early stops (its launched row dropped), blocks come back."""
-    import json  # noqa: PLC0415
-
+def grammar_runner(llm, prompts: list):
+    """run(logprobs) -> [(text, finish_reason)] of prompts[:3] decoded greedily as a JSON Schema row,
+    an unconstrained row and a choice row."""
     from services.grammar.matcher import GrammarHandle  # noqa: PLC0415
     from services.grammar.spec import GrammarSpec  # noqa: PLC0415
     from services.grammar.tokenizer import tokenizer_info_from_hf  # noqa: PLC0415
@@ -89,14 +86,23 @@ def check_overlapped_grammar(llm, prompts: list) -> None:
                                                "age": {"type": "integer"}}, "required": ["name", "age"]}
     js = GrammarHandle.compile(GrammarSpec.json_schema(schema), info)
     choice = GrammarHandle.compile(GrammarSpec.choice(["yes", "no", "maybe not"]), info)
-    calls = overlapped_steps(engine)
 
-    def run(logprobs):
+    def run(logprobs=None):
         params = [SamplingParams(temperature=0.0, max_tokens=40, grammar=js, logprobs=logprobs),
                   SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=logprobs),
                   SamplingParams(temperature=0.0, max_tokens=30, grammar=choice, logprobs=logprobs)]
         return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in llm.generate(prompts[:3], params)]
+    return run
 
+
+def check_overlapped_grammar(llm, prompts: list) -> None:
+    """Constrained rows decode overlapped too (each step's masks filled while its forward pass runs),
+    beside an unconstrained row: the same text as step by step, every finished output valid, the
+    choice row that completes its grammar early stops (its launched row dropped), blocks come back."""
+    import json  # noqa: PLC0415
+    engine = llm.engine
+    run = grammar_runner(llm, prompts)
+    calls = overlapped_steps(engine)
     reference = run(logprobs=0)
     assert not calls                                       # logprobs: step by step
     got = run(logprobs=None)

@@ -275,6 +275,8 @@ class LLMEngine:
             self._inflight = self._launch_sampling(*nxt)
         in_worker = values is not None
         if values is None:
+            if self.mask_worker is not None:   # [grammar] the workers first: one that died before setting
+                self.mask_worker.settle()      # its flag must not leave the GPU (and this wait) waiting
             if prev.ready is not None:
                 prev.ready.synchronize()
             values = prev.host.tolist()
@@ -293,10 +295,11 @@ class LLMEngine:
                 self._inflight = self._launch_sampling(*nxt)
             return self._outputs(touched)
         # [grammar] step n's outputs are built while the worker fills, then its masks are collected
-        # (always, even when no constrained row goes on) and n+1's sampling is launched
+        # (always, even when no constrained row goes on) and n+1's sampling is launched; on a GPU that
+        # sampling waits for the workers' flags itself, and this thread reads their replies next step
         outputs = self._outputs(touched)
         row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
-        masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [])
+        masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [], gate=late)
         if late:
             self._inflight = self._launch_sampling(*nxt, masks)
         return outputs

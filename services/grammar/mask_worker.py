@@ -6,19 +6,26 @@ and the engine's Python work both want the GIL. The mask worker is a few process
 the constrained sequences' matchers (each its share of the sequences). Each step the engine sends the
 tokens the mirrors have not taken yet (`submit`), goes on with its own work (appending step n's tokens,
 stop checks, outputs) while the workers take them and fill their rows of a bitmask in shared memory,
-then picks the rows up (`collect`) and launches sampling.
+then picks the rows up (`collect`) and launches sampling. Each worker sets a flag in shared memory
+once its rows are filled (no reply message). On a GPU the engine thread does not wait for the flags
+there: the stream waits for them on the GPU (cuStreamWaitValue32) before it copies the bitmask, so
+sampling is launched at once, and the engine looks at the flags only when it waits for the step's
+tokens anyway (`settle`).
 
 The engine keeps its own matchers (stop checks, speculative decoding's rollbacks, and the fill when the
 worker is not used), so a mirror only ever follows its request's output tokens: it can lag any number
 of steps and catches up by taking them all at once. Every EXPIRE_STEPS submissions, the mirrors unused
 for that long are dropped on both sides (the same rule, so no message is needed); a request that comes
 back gets a new one. If a worker fails or exits, `collect` returns None, the engine fills in process
-from then on, and nothing is lost: its own matchers never depended on the workers.
+from then on, and nothing is lost: its own matchers never depended on the workers. A step whose
+sampling already waits on the GPU for the flags gets its rows filled by the engine and the flags set
+by it, so the GPU never waits for a worker that is gone.
 
-    python -m services.grammar.mask_worker FD PATH ROWS WORDS     (started by MaskWorker, not by hand)
+    python -m services.grammar.mask_worker FD PATH ROWS WORDS INDEX   (started by MaskWorker)
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -37,18 +44,65 @@ log = logging.getLogger(__name__)
 
 EXPIRE_STEPS = 64
 MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker before it starts over
+MAX_PROCESSES = 8
+STALL_S = 30.0            # a worker this long without filling its rows is given up on
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _shared_bitmask(path: str, rows: int, words: int) -> torch.Tensor:
-    return torch.from_file(path, shared=True, size=rows * words, dtype=torch.int32).view(rows, words)
+def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared file: the bitmask [rows, words], then 32 int32 words of flags: worker w's flag is
+    byte w (the low byte of the last submission it filled; four workers' flags make one word that the
+    GPU can wait for), its fill time in microseconds word 16 + w."""
+    t = torch.from_file(path, shared=True, size=rows * words + 32, dtype=torch.int32)
+    return t[:rows * words].view(rows, words), t[rows * words:]
 
 
-def _pin(t: torch.Tensor) -> bool:
-    """Page-lock the shared buffer so its copies to the GPU are asynchronous (no wait for the forward pass)."""
+def _done_bytes(flags: torch.Tensor):
+    return flags[:MAX_PROCESSES // 4].view(torch.uint8).numpy()
+
+
+def _pin(bitmask: torch.Tensor, flags: torch.Tensor) -> bool:
+    """Page-lock (and map) the shared file so the bitmask's copies to the GPU are asynchronous (no wait
+    for the forward pass) and the GPU can read the flags."""
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == 0
+    size = flags.data_ptr() + flags.numel() * flags.element_size() - bitmask.data_ptr()
+    mapped = 2   # cudaHostRegisterMapped
+    return torch.cuda.cudart().cudaHostRegister(bitmask.data_ptr(), size, mapped) == 0
+
+
+class StreamGate:
+    """Makes the current CUDA stream wait, on the GPU, until every worker's flag holds a submission:
+    cuStreamWaitValue32 (equal) on each word of four flags in the page-locked file, so the work
+    launched after it (the bitmask's copy, sampling) runs once the rows are filled, and the host does
+    not wait. A flag can only hold the submission or the one before (each is settled before the next
+    is sent), so its low byte tells them apart."""
+
+    def __init__(self, flags: torch.Tensor, procs: int) -> None:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        ptr = ctypes.c_uint64()
+        if cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), ctypes.c_void_p(flags.data_ptr()), 0) != 0:
+            raise RuntimeError("the flags are not mapped for the GPU")
+        self._words = [(ptr.value + 4 * i, min(4, procs - 4 * i)) for i in range((procs + 3) // 4)]
+        self._wait = cuda.cuStreamWaitValue32_v2
+        self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        self(0)                                      # met already (all zero): fails here if the GPU cannot
+        torch.cuda.current_stream().synchronize()
+
+    def __call__(self, step: int) -> None:
+        stream = torch.cuda.current_stream().cuda_stream
+        for addr, n in self._words:
+            rc = self._wait(stream, addr, (step & 0xFF) * (0x01010101 >> 8 * (4 - n)), 1)   # CU_STREAM_WAIT_VALUE_EQ
+            if rc != 0:
+                raise RuntimeError(f"cuStreamWaitValue32 returned CUDA error {rc}")
+
+
+def _gate(flags: torch.Tensor, procs: int) -> StreamGate | None:
+    try:
+        return StreamGate(flags, procs)
+    except (OSError, AttributeError, RuntimeError) as e:
+        log.info("grammar mask worker: no GPU-side wait for masks (%s); the engine waits for them", e)
+        return None
 
 
 class MaskWorker:
@@ -57,36 +111,42 @@ class MaskWorker:
 
     def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
+        procs = min(processes or default_processes(), MAX_PROCESSES)
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, self.rows * self.words * 4)
+        os.ftruncate(fd, (self.rows * self.words + 32) * 4)
         os.close(fd)
-        self.bitmask = _shared_bitmask(self._path, self.rows, self.words)
-        self._pinned = _pin(self.bitmask)
+        self.bitmask, flags = _shared(self._path, self.rows, self.words)
+        self._done, self._fill_us = _done_bytes(flags)[:procs], flags[16:16 + procs].numpy()
+        self._pinned = _pin(self.bitmask, flags)
+        self._gate = _gate(flags, procs) if self._pinned else None
         self._gathered = torch.empty(self.bitmask.shape, dtype=torch.int32, pin_memory=self._pinned)   # see collect
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         self._procs, self._conns = [], []
-        for _ in range(processes or default_processes()):
+        for w in range(procs):
             ours, theirs = socket.socketpair()
             self._procs.append(subprocess.Popen(
                 [sys.executable, "-m", "services.grammar.mask_worker", str(theirs.fileno()), self._path,
-                 str(self.rows), str(self.words)], pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
+                 str(self.rows), str(self.words), str(w)],
+                pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
             theirs.close()
             self._conns.append(Connection(ours.detach()))
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
         self.failed = False
+        self._fill_s = 0.0                            # the slowest worker's fill time, last submission
+        self._unsettled: tuple[int, list, list[int]] | None = None   # (submission, requests, rows) not seen filled
         self._ready = 0
         self._step = 0
         self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [token_ids taken, last submission]
         self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
         self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
-        self._pending: tuple[int, list[int], int] | None = None
+        self._pending: tuple[int, list[int], int, list] | None = None
 
     def submit(self, requests: list, extra: dict[int, int] | None = None) -> bool:
         """Send the tokens of the constrained rows (row i = requests[i]) that their mirrors lack, plus
         `extra[i]`, row i's token not appended yet; the worker then fills those rows. False (nothing
         sent) when the worker is not worth it or cannot take this step: fill in process then."""
         rows = [i for i, r in enumerate(requests) if r.matcher is not None]
-        if self.failed or len(rows) < self.min_rows or len(requests) > self.rows:
+        if self.failed or len(rows) < self.min_rows or len(requests) > self.rows or not self.settle():
             return False
         handles = [requests[i].sampling_params.grammar for i in rows]
         vocab_size = handles[0].vocab_size
@@ -122,45 +182,81 @@ class MaskWorker:
             self._fail(f"cannot reach the worker: {e}")
             return False
         _expire(self._mirrors, self._step)
-        self._pending = (len(requests), rows, vocab_size)
+        self._pending = (len(requests), rows, vocab_size, [requests[i] for i in rows])
         return True
 
-    def collect(self, order: list[int] | None = None):
+    def collect(self, order: list[int] | None = None, gate: bool = False):
         """The rows filled for the last `submit` (a matcher.FilledMasks over the shared bitmask), or
         None if the worker failed: the caller fills in process. `order`: row j of the batch to sample
-        is submitted row order[j] (rows of a step that goes on without some of its sequences)."""
+        is submitted row order[j] (rows of a step that goes on without some of its sequences).
+        `gate`: the caller launches this step's sampling at once on the current CUDA stream; where the
+        GPU can wait for the workers' flags, it does so instead of this thread, and `settle` looks at
+        them later (call it before anything waits for that sampling)."""
         from services.grammar.matcher import FilledMasks  # noqa: PLC0415 - xgrammar, only once masks are used
-        (n, rows, vocab_size), self._pending = self._pending, None
-        fill_s = 0.0
+        (n, rows, vocab_size, requests), self._pending = self._pending, None
+        self._unsettled = (self._step, requests, rows)   # until the flags are seen: see settle
+        bitmask, gathered = self.bitmask[:n], False
+        if order is not None:
+            gathered, taken = order != list(range(len(order))), set(rows)
+            rows = [j for j, r in enumerate(order) if r in taken] if gathered else [r for r in rows if r < len(order)]
+            bitmask = self.bitmask[:len(order)]
+        if gate and self._gate is not None and rows and not gathered:
+            try:
+                self._gate(self._step)
+            except RuntimeError as e:
+                self._fail(str(e))
+                return None
+            return FilledMasks(bitmask, rows, vocab_size, self._fill_s)
+        if not self.settle():
+            return None
+        if gathered:   # read on the host: after the rows are filled
+            bitmask = torch.index_select(self.bitmask[:n], 0, torch.tensor(order), out=self._gathered[:len(order)])
+        if order is not None and not rows:
+            return None
+        return FilledMasks(bitmask, rows, vocab_size, self._fill_s)
+
+    def settle(self) -> bool:
+        """Waits until the workers have filled the last submission's rows (False: a worker failed or
+        stalled; the rows the GPU may be waiting for are then filled here and the flags set)."""
+        if self._ready < len(self._conns) and not self._read_messages():
+            return False
+        if self._unsettled is None:
+            return not self.failed
+        low, deadline = self._unsettled[0] & 0xFF, None
+        while not (self._done == low).all():   # mostly set already: the forward pass took longer
+            if deadline is None:
+                deadline = time.monotonic() + STALL_S
+            elif time.monotonic() > deadline:
+                self._fail(f"no masks from the workers in {STALL_S:.0f} s")
+                return False
+            if not self._read_messages():
+                return False
+            time.sleep(0)
+        self._unsettled, self._fill_s = None, float(self._fill_us.max()) / 1e6
+        return True
+
+    def _read_messages(self) -> bool:
+        """What the workers sent, without waiting: "ready" (they have mapped the file) or an error
+        (False, as when one is gone)."""
         for conn in self._conns:
             try:
-                reply = conn.recv()
-                while reply[0] == "ready":
+                while conn.poll():
+                    msg = conn.recv()
+                    if msg[0] != "ready":
+                        self._fail(msg[1])
+                        return False
                     self._ready += 1
                     if self._ready == len(self._conns):   # all have mapped the file: it can go, and
                         Path(self._path).unlink(missing_ok=True)   # a killed engine leaves nothing in /dev/shm
-                    reply = conn.recv()
             except (EOFError, OSError) as e:
                 self._fail(f"a worker exited ({e!r}, exit codes {[p.poll() for p in self._procs]})")
-                return None
-            if reply[0] != "ok":
-                self._fail(reply[1])
-                return None
-            fill_s = max(fill_s, reply[1])
-        bitmask = self.bitmask[:n]
-        if order is not None:
-            if order == list(range(len(order))):
-                bitmask = self.bitmask[:len(order)]
-                rows = [r for r in rows if r < len(order)]
-            else:
-                taken = set(rows)
-                bitmask = torch.index_select(bitmask, 0, torch.tensor(order), out=self._gathered[:len(order)])
-                rows = [j for j, r in enumerate(order) if r in taken]
-            if not rows:
-                return None
-        return FilledMasks(bitmask, rows, vocab_size, fill_s)
+                return False
+        return True
 
     def close(self) -> None:
+        if self._unsettled is not None:   # a GPU that waits for these rows goes on (this engine is stopping)
+            self._done[:] = self._unsettled[0] & 0xFF
+            self._unsettled = None
         self._finalizer()
 
     def _register(self, handle: Any) -> None:
@@ -178,6 +274,13 @@ class MaskWorker:
     def _fail(self, why: str) -> None:
         log.warning("grammar mask worker: %s; masks are filled in the engine's process from now on", why)
         self.failed = True
+        if self._unsettled is not None:   # the GPU may wait for these rows: fill them here, then set the flags
+            from services.grammar.matcher import fill_rows  # noqa: PLC0415
+            step, requests, rows = self._unsettled
+            live = [(r.matcher.synced(), row) for r, row in zip(requests, rows) if r.matcher is not None]
+            fill_rows([m for m, _ in live], self.bitmask, [row for _, row in live])
+            self._done[:] = step & 0xFF
+            self._unsettled = None
         self.close()
 
 
@@ -209,7 +312,9 @@ def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bo
 
 
 # ---- the worker process ------------------------------------------------------------------------
-def serve(conn: Connection, bitmask: torch.Tensor) -> None:
+def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
+    """Fills rows for the engine's submissions; `done` / `fill_us`: this worker's flag and fill time
+    (one-element arrays in the shared file)."""
     import xgrammar as xgr  # noqa: PLC0415
 
     from services.grammar.matcher import fill_rows  # noqa: PLC0415
@@ -239,8 +344,9 @@ def serve(conn: Connection, bitmask: torch.Tensor) -> None:
                     matchers.append(mirror[0])
                     rows.append(row)
                 fill_rows(matchers, bitmask, rows, batch)
+                fill_us[0] = int((time.perf_counter() - t0) * 1e6)
+                done[0] = step & 0xFF     # after the rows (x86 keeps stores in order): the GPU may go on
                 _expire(mirrors, step)
-                conn.send(("ok", time.perf_counter() - t0))
             elif msg[0] == "tokenizer":
                 infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
             elif msg[0] == "grammar":
@@ -254,9 +360,10 @@ def serve(conn: Connection, bitmask: torch.Tensor) -> None:
 
 
 def main(argv: list[str]) -> None:
-    fd, path, rows, words = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    fd, path, rows, words, index = int(argv[0]), argv[1], *map(int, argv[2:5])
     torch.set_num_threads(1)
-    serve(Connection(fd), _shared_bitmask(path, rows, words))
+    bitmask, flags = _shared(path, rows, words)
+    serve(Connection(fd), bitmask, _done_bytes(flags)[index:index + 1], flags[16 + index:17 + index].numpy())
 
 
 if __name__ == "__main__":

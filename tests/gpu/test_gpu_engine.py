@@ -8,6 +8,8 @@ positions where the reference's top-2 margin exceeds the tolerance are compared)
 """
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ import torch
 from loadtest.bench_engine import ensure_tokenizer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
-from tests.engine_checks import check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export
+from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
+                                 grammar_runner)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -105,6 +108,42 @@ def test_overlapped_decoding_with_grammar_rows(tiny_model_dir, mask_worker):
     if worker is not None:
         assert not worker.failed and worker._step > 10 and worker._pinned
         worker.close()
+
+
+def test_a_mask_worker_that_dies_while_the_gpu_waits_for_it_loses_nothing(tiny_model_dir):
+    """An overlapped step's sampling waits on the GPU for the mask workers' flags. A worker stopped
+    before it read its rows, then killed: the engine fills them and sets the flags, the GPU goes on,
+    and the text is the same as with every mask filled in the engine's process."""
+    prompts = ["Name and age as JSON:", "def add(a, b):\n", "Is it true? Answer:"]
+
+    def make(mode: str) -> LLM:
+        return LLM(tiny_model_dir, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, seed=0,
+                   grammar_mask_worker=mode)
+    want = grammar_runner(make("off"), prompts)()
+    llm = make("on")
+    worker, gated = llm.engine.mask_worker, []
+    assert worker._gate is not None
+    submit, collect = worker.submit, worker.collect
+
+    def stop_then_submit(*args):
+        if worker._step == 6:
+            os.kill(worker._procs[0].pid, signal.SIGSTOP)
+        return submit(*args)
+
+    def collect_then_kill(order=None, gate=False):
+        stopped = worker._step == 7 and not gated
+        if stopped and not gate:                   # a blocking collect would wait for it: this test is moot
+            worker._procs[0].kill()
+        masks = collect(order, gate)
+        if stopped:
+            gated.append(gate and masks is not None)
+            worker._procs[0].kill()
+        return masks
+    worker.submit, worker.collect = stop_then_submit, collect_then_kill
+    assert grammar_runner(llm, prompts)() == want
+    assert gated == [True] and worker.failed
+    llm.engine.kv.check_invariants()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
 def test_overlapped_steps_export_the_blocks_they_fill():

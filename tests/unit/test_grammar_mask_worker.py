@@ -1,11 +1,12 @@
 """The grammar mask worker (services/grammar/mask_worker.py): a real worker process filling masks from
 mirrored matchers gives exactly the rows the engine's own matchers give, catches up after steps it
-missed, drops and rebuilds mirrors alike on both sides, and when it dies the engine fills in process
-with nothing lost."""
+missed, drops and rebuilds mirrors alike on both sides, sets its flag once its rows are filled, and
+when it dies the engine fills in process with nothing lost, the rows a GPU waits for included."""
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 
 import pytest
@@ -111,7 +112,35 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     want = fill_grammar_bitmask([b, plain])
     assert got.rows == [0] and got.bitmask.shape[0] == 2 and torch.equal(got.bitmask[0], want.bitmask[0])
     assert worker.submit([a, plain, b]) and worker.collect(order=[]) is None   # nothing constrained goes on
+    assert worker._done.tolist() == [worker._step & 0xFF] * 2   # each worker's last submission, filled
     worker.close()
+
+
+def test_rows_a_gpu_waits_for_are_filled_when_a_worker_dies(info, caplog):
+    """With the GPU-side wait (`collect(gate=True)`) nothing waits on the host; if a worker dies before
+    it filled its rows, `settle` fills them in process and sets the flags the GPU waits for."""
+    js, choice = compile_both(info)
+    worker = MaskWorker(4, info.vocab_size, processes=2)
+    gated = []
+    worker._gate = gated.append                    # what the GPU would wait for (CUDA: a StreamGate)
+    seqs = [Seq(js.new_matcher(), Params(js), arrival_seq=1), Seq(choice.new_matcher(), Params(choice), arrival_seq=2)]
+    assert worker.submit(seqs) and worker.collect() is not None       # mirrors made, replies read
+    for seq, t in zip(seqs, (_greedy_tokens(js, info, 1)[0], _greedy_tokens(choice, info, 1)[0])):
+        seq.matcher.defer(t)                       # the engine's matchers take it lazily
+        seq.token_ids.append(t)
+    worker.bitmask.zero_()
+    os.kill(worker._procs[1].pid, signal.SIGSTOP)   # holds seq 1's message unread
+    assert worker.submit(seqs)
+    masks = worker.collect(order=[0, 1], gate=True)
+    assert gated == [worker._step] and masks.rows == [0, 1] and worker._unsettled is not None
+    worker._procs[1].kill()
+    with caplog.at_level(logging.WARNING, logger="services.grammar.mask_worker"):
+        assert not worker.settle()
+    assert worker.failed and "a worker exited" in caplog.text
+    assert worker._done.tolist() == [gated[0] & 0xFF] * 2
+    want = fill_grammar_bitmask(seqs)
+    assert torch.equal(worker.bitmask[:2], want.bitmask[:2])
+    assert not worker.submit(seqs)                  # in process from now on
 
 
 def _greedy_tokens(handle, info, n: int) -> list[int]:
