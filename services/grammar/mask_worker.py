@@ -25,6 +25,7 @@ by it, so the GPU never waits for a worker that is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -322,7 +323,10 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
     infos: dict[int, Any] = {}
     grammars: dict[int, Any] = {}
     mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
-    conn.send(("ready",))
+    try:
+        conn.send(("ready",))
+    except OSError:   # the engine is gone already
+        return
     while True:
         try:
             msg = conn.recv()
@@ -355,7 +359,8 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
                 grammars.clear()
                 mirrors.clear()
         except Exception as e:   # noqa: BLE001 - reported to the engine, which then fills in process
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            with contextlib.suppress(OSError):
+                conn.send(("error", f"{type(e).__name__}: {e}"))
             return
 
 
