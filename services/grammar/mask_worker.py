@@ -4,7 +4,8 @@ With a small model at batch 32 a decode step takes as long on the host as on the
 rows' masks on the engine thread (0.5-1 ms) lengthens every step, and a thread cannot help: the fill
 and the engine's Python work both want the GIL. The mask worker is a few processes that own mirrors of
 the constrained sequences' matchers (each its share of the sequences). Each step the engine sends the
-tokens the mirrors have not taken yet (`submit`), goes on with its own work (appending step n's tokens,
+tokens the mirrors have not taken yet (`submit`: written to the shared file once, and every worker woken
+with a single futex call), goes on with its own work (appending step n's tokens,
 stop checks, outputs) while the workers take them and fill their rows of a bitmask in shared memory,
 then picks the rows up (`collect`) and launches sampling. Each worker sets a flag in shared memory
 once its rows are filled (no reply message). On a GPU the engine thread does not wait for the flags
@@ -29,6 +30,8 @@ import contextlib
 import ctypes
 import logging
 import os
+import pickle
+import platform
 import socket
 import subprocess
 import sys
@@ -47,15 +50,50 @@ EXPIRE_STEPS = 64
 MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker before it starts over
 MAX_PROCESSES = 8
 STALL_S = 30.0            # a worker this long without filling its rows is given up on
+PAYLOAD_BYTES = 1 << 18   # a submission larger than this (mirrors catching up many tokens) goes by socket
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared file: the bitmask [rows, words], then 32 int32 words of flags: worker w's flag is
-    byte w (the low byte of the last submission it filled; four workers' flags make one word that the
-    GPU can wait for), its fill time in microseconds word 16 + w."""
-    t = torch.from_file(path, shared=True, size=rows * words + 32, dtype=torch.int32)
-    return t[:rows * words].view(rows, words), t[rows * words:]
+def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared file: the bitmask [rows, words]; 32 int32 words of flags: worker w's flag is byte w
+    (the low byte of the last submission it filled; four workers' flags make one word that the GPU can
+    wait for), its fill time in microseconds word 16 + w; then the submission: [number (the futex word),
+    payload bytes (-1: sent by socket)] and the pickled payload."""
+    t = torch.from_file(path, shared=True, size=rows * words + 32 + 2 + PAYLOAD_BYTES // 4, dtype=torch.int32)
+    n = rows * words
+    return t[:n].view(rows, words), t[n:n + 32], t[n + 32:]
+
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex_wake(addr: int) -> None:
+    """Wakes every worker waiting on the submission number (FUTEX_WAKE, shared: across processes)."""
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(1), ctypes.c_int(0x7FFFFFFF),
+                  None, None, ctypes.c_int(0))
+
+
+_FENCE_WORD = ctypes.c_int(0)
+_WEAK_ORDER = platform.machine() != "x86_64"
+
+
+def _fence() -> None:
+    """A full memory barrier where the CPU may reorder stores and loads (arm64; x86 keeps stores in order
+    and loads in order): the kernel's futex wake runs one even with no one to wake."""
+    if _WEAK_ORDER:
+        _futex_wake(ctypes.addressof(_FENCE_WORD))
+
+
+def _futex_wait(addr: int, seen: int, timeout_s: float) -> None:
+    """Sleeps while the submission number is `seen`, at most timeout_s (FUTEX_WAIT)."""
+    ts = _Timespec(0, int(timeout_s * 1e9))
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(0), ctypes.c_int(seen),
+                  ctypes.byref(ts), None, ctypes.c_int(0))
 
 
 def _done_bytes(flags: torch.Tensor):
@@ -114,9 +152,13 @@ class MaskWorker:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
         procs = min(processes or default_processes(), MAX_PROCESSES)
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, (self.rows * self.words + 32) * 4)
+        if _SYS_FUTEX is None:
+            raise RuntimeError(f"the grammar mask worker needs Linux futexes (x86_64 or aarch64), not {platform.machine()}")
+        os.ftruncate(fd, (self.rows * self.words + 32 + 2) * 4 + PAYLOAD_BYTES)
         os.close(fd)
-        self.bitmask, flags = _shared(self._path, self.rows, self.words)
+        self.bitmask, flags, sub = _shared(self._path, self.rows, self.words)
+        self._sub, self._payload = sub[:2].numpy(), sub[2:].view(torch.uint8).numpy()
+        self._sub_addr = sub.data_ptr()
         self._done, self._fill_us = _done_bytes(flags)[:procs], flags[16:16 + procs].numpy()
         self._pinned = _pin(self.bitmask, flags)
         self._gate = _gate(flags, procs) if self._pinned else None
@@ -131,7 +173,8 @@ class MaskWorker:
                 pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
             theirs.close()
             self._conns.append(Connection(ours.detach()))
-        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned)
+        self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns, self._path, self.bitmask, self._pinned,
+                                           self._sub_addr)
         self.failed = False
         self._fill_s = 0.0                            # the slowest worker's fill time, last submission
         self._unsettled: tuple[int, list, list[int]] | None = None   # (submission, requests, rows) not seen filled
@@ -177,8 +220,18 @@ class MaskWorker:
                 mirror[1] = self._step
                 items[req.arrival_seq % len(items)].append(
                     (i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
-            for conn, part in zip(self._conns, items):   # every process, so all count the same submissions
-                conn.send(("step", self._step, part))
+            # every process takes it, so all count the same submissions
+            payload = pickle.dumps((self._step, items), protocol=pickle.HIGHEST_PROTOCOL)
+            if len(payload) <= len(self._payload):
+                self._payload[:len(payload)] = memoryview(payload)
+                self._sub[1] = len(payload)
+            else:
+                self._sub[1] = -1
+                for conn, part in zip(self._conns, items):
+                    conn.send(("step", self._step, part))
+            _fence()
+            self._sub[0] = self._step & 0x7FFFFFFF   # after the payload
+            _futex_wake(self._sub_addr)
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
             return False
@@ -233,6 +286,7 @@ class MaskWorker:
             if not self._read_messages():
                 return False
             time.sleep(0)
+        _fence()
         self._unsettled, self._fill_s = None, float(self._fill_us.max()) / 1e6
         return True
 
@@ -299,9 +353,10 @@ def default_processes() -> int:
     return max(1, min(4, cpus // 4))
 
 
-def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bool) -> None:
+def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bool, sub_addr: int) -> None:
     for conn in conns:
-        conn.close()   # the worker's recv ends: it exits
+        conn.close()   # the workers find their socket closed once woken: they exit
+    _futex_wake(sub_addr)
     for proc in procs:
         try:
             proc.wait(timeout=5)
@@ -313,9 +368,9 @@ def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bo
 
 
 # ---- the worker process ------------------------------------------------------------------------
-def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
-    """Fills rows for the engine's submissions; `done` / `fill_us`: this worker's flag and fill time
-    (one-element arrays in the shared file)."""
+def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us, sub, payload, index: int) -> None:
+    """Fills rows for the engine's submissions. `done` / `fill_us`: this worker's flag and fill time;
+    `sub` / `payload`: the submission's number and size, and its bytes (arrays in the shared file)."""
     import xgrammar as xgr  # noqa: PLC0415
 
     from services.grammar.matcher import fill_rows  # noqa: PLC0415
@@ -323,41 +378,58 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
     infos: dict[int, Any] = {}
     grammars: dict[int, Any] = {}
     mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
+
+    def fill(step: int, items: list) -> None:
+        t0 = time.perf_counter()
+        matchers, rows = [], []
+        for row, key, tokens, new in items:
+            if new is not None:
+                gid, stop_ids = new
+                mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
+            mirror = mirrors[key]
+            for t in tokens:
+                mirror[0].accept_token(t)
+            mirror[1] = step
+            matchers.append(mirror[0])
+            rows.append(row)
+        fill_rows(matchers, bitmask, rows, batch)
+        fill_us[0] = int((time.perf_counter() - t0) * 1e6)
+        _fence()
+        done[0] = step & 0xFF     # after the rows: the engine, or the GPU, may read them now
+        _expire(mirrors, step)
+
     try:
         conn.send(("ready",))
     except OSError:   # the engine is gone already
         return
+    seen, last_step = 0, time.monotonic()
     while True:
         try:
-            msg = conn.recv()
+            # Messages first (grammars, tokenizers, a submission too large for the file): they were sent
+            # before the number that woke this worker moved on.
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "step":
+                    fill(msg[1], msg[2])
+                elif msg[0] == "tokenizer":
+                    infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
+                elif msg[0] == "grammar":
+                    grammars[msg[1]] = xgr.CompiledGrammar.deserialize_json(msg[3], infos[msg[2]])
+                elif msg[0] == "reset":
+                    grammars.clear()
+                    mirrors.clear()
+            number = int(sub[0])
+            if number == seen:   # sleep until the next submission; now and then look at the socket (a
+                # grammar sent while no submission follows; the engine gone): often while decoding
+                _futex_wait(sub.ctypes.data, seen, 0.005 if time.monotonic() - last_step < 1 else 0.05)
+                continue
+            _fence()
+            seen, last_step = number, time.monotonic()
+            if sub[1] >= 0:
+                step, parts = pickle.loads(payload[:sub[1]].tobytes())
+                fill(step, parts[index])
         except (EOFError, OSError):
             return
-        try:
-            if msg[0] == "step":
-                t0 = time.perf_counter()
-                step, items = msg[1], msg[2]
-                matchers, rows = [], []
-                for row, key, tokens, new in items:
-                    if new is not None:
-                        gid, stop_ids = new
-                        mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
-                    mirror = mirrors[key]
-                    for t in tokens:
-                        mirror[0].accept_token(t)
-                    mirror[1] = step
-                    matchers.append(mirror[0])
-                    rows.append(row)
-                fill_rows(matchers, bitmask, rows, batch)
-                fill_us[0] = int((time.perf_counter() - t0) * 1e6)
-                done[0] = step & 0xFF     # after the rows (x86 keeps stores in order): the GPU may go on
-                _expire(mirrors, step)
-            elif msg[0] == "tokenizer":
-                infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
-            elif msg[0] == "grammar":
-                grammars[msg[1]] = xgr.CompiledGrammar.deserialize_json(msg[3], infos[msg[2]])
-            elif msg[0] == "reset":
-                grammars.clear()
-                mirrors.clear()
         except Exception as e:   # noqa: BLE001 - reported to the engine, which then fills in process
             with contextlib.suppress(OSError):
                 conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -367,8 +439,9 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us) -> None:
 def main(argv: list[str]) -> None:
     fd, path, rows, words, index = int(argv[0]), argv[1], *map(int, argv[2:5])
     torch.set_num_threads(1)
-    bitmask, flags = _shared(path, rows, words)
-    serve(Connection(fd), bitmask, _done_bytes(flags)[index:index + 1], flags[16 + index:17 + index].numpy())
+    bitmask, flags, sub = _shared(path, rows, words)
+    serve(Connection(fd), bitmask, _done_bytes(flags)[index:index + 1], flags[16 + index:17 + index].numpy(),
+          sub[:2].numpy(), sub[2:].view(torch.uint8).numpy(), index)
 
 
 if __name__ == "__main__":
