@@ -296,7 +296,7 @@ class LLMEngine:
             return self._outputs(touched)
         # [grammar] step n's outputs are built while the worker fills, then its masks are collected
         # (always, even when no constrained row goes on) and n+1's sampling is launched; on a GPU that
-        # sampling waits for the workers' flags itself, and this thread reads their replies next step
+        # sampling waits for the workers' flags itself, and this thread looks at them next step
         outputs = self._outputs(touched)
         row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
         masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [], gate=late)

@@ -64,7 +64,7 @@ def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tenso
     return t[:n].view(rows, words), t[n:n + 32], t[n + 32:]
 
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "ppc64le": 221}.get(platform.machine())
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -83,8 +83,8 @@ _WEAK_ORDER = platform.machine() != "x86_64"
 
 
 def _fence() -> None:
-    """A full memory barrier where the CPU may reorder stores and loads (arm64; x86 keeps stores in order
-    and loads in order): the kernel's futex wake runs one even with no one to wake."""
+    """A full memory barrier where the CPU may reorder stores and loads (arm64, POWER; x86 keeps stores
+    in order and loads in order): the kernel's futex wake runs one even with no one to wake."""
     if _WEAK_ORDER:
         _futex_wake(ctypes.addressof(_FENCE_WORD))
 
@@ -151,9 +151,10 @@ class MaskWorker:
     def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
         procs = min(processes or default_processes(), MAX_PROCESSES)
-        fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         if _SYS_FUTEX is None:
-            raise RuntimeError(f"the grammar mask worker needs Linux futexes (x86_64 or aarch64), not {platform.machine()}")
+            raise RuntimeError(f"the grammar mask worker needs Linux futexes (x86_64, aarch64, ppc64le), not "
+                               f"{platform.machine()}: set grammar_mask_worker to off")
+        fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         os.ftruncate(fd, (self.rows * self.words + 32 + 2) * 4 + PAYLOAD_BYTES)
         os.close(fd)
         self.bitmask, flags, sub = _shared(self._path, self.rows, self.words)
