@@ -124,12 +124,12 @@ def test_rows_a_gpu_waits_for_are_filled_when_a_worker_dies(info, caplog):
     gated = []
     worker._gate = gated.append                    # what the GPU would wait for (CUDA: a StreamGate)
     seqs = [Seq(js.new_matcher(), Params(js), arrival_seq=1), Seq(choice.new_matcher(), Params(choice), arrival_seq=2)]
-    assert worker.submit(seqs) and worker.collect() is not None       # mirrors made, replies read
+    assert worker.submit(seqs) and worker.collect() is not None       # mirrors made, rows filled
     for seq, t in zip(seqs, (_greedy_tokens(js, info, 1)[0], _greedy_tokens(choice, info, 1)[0])):
         seq.matcher.defer(t)                       # the engine's matchers take it lazily
         seq.token_ids.append(t)
     worker.bitmask.zero_()
-    os.kill(worker._procs[1].pid, signal.SIGSTOP)   # holds seq 1's message unread
+    os.kill(worker._procs[1].pid, signal.SIGSTOP)   # the worker of seqs[0] (arrival_seq 1) fills nothing
     assert worker.submit(seqs)
     masks = worker.collect(order=[0, 1], gate=True)
     assert gated == [worker._step] and masks.rows == [0, 1] and worker._unsettled is not None
@@ -141,6 +141,31 @@ def test_rows_a_gpu_waits_for_are_filled_when_a_worker_dies(info, caplog):
     want = fill_grammar_bitmask(seqs)
     assert torch.equal(worker.bitmask[:2], want.bitmask[:2])
     assert not worker.submit(seqs)                  # in process from now on
+
+
+def test_a_submission_too_large_for_the_shared_file_goes_by_socket(info):
+    """Mirrors catching up many tokens can outgrow the file's payload area: that submission is sent to
+    each worker by socket instead, with the same rows, and the next one goes through the file again."""
+    js, _ = compile_both(info)
+    worker = MaskWorker(4, info.vocab_size, processes=2)
+    a = Seq(js.new_matcher(), Params(js), arrival_seq=1)
+    b = Seq(js.new_matcher(), Params(js), arrival_seq=2)
+    assert worker.submit([a, b]) and worker.collect() is not None
+    tokens = _greedy_tokens(js, info, 12)
+    for seq in (a, b):
+        for t in tokens:
+            assert seq.matcher.accept_token(t)
+            seq.token_ids.append(t)
+    area = worker._payload
+    worker._payload = area[:64]                      # twelve tokens for each mirror do not fit
+    assert worker.submit([a, b])
+    assert worker._sub[1] == -1
+    got = worker.collect()
+    want = fill_grammar_bitmask([a, b])
+    assert torch.equal(got.bitmask[:2], want.bitmask[:2])
+    worker._payload = area
+    assert worker.submit([a, b]) and worker._sub[1] > 0 and worker.collect() is not None
+    worker.close()
 
 
 def _greedy_tokens(handle, info, n: int) -> list[int]:
