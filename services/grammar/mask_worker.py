@@ -54,12 +54,17 @@ PAYLOAD_BYTES = 1 << 18   # a submission larger than this (mirrors catching up m
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _file_words(rows: int, words: int) -> int:
+    """The shared file's size in int32 words (layout: `_shared`)."""
+    return rows * words + 32 + 2 + PAYLOAD_BYTES // 4
+
+
 def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The shared file: the bitmask [rows, words]; 32 int32 words of flags: worker w's flag is byte w
     (the low byte of the last submission it filled; four workers' flags make one word that the GPU can
     wait for), its fill time in microseconds word 16 + w; then the submission: [number (the futex word),
     payload bytes (-1: sent by socket)] and the pickled payload."""
-    t = torch.from_file(path, shared=True, size=rows * words + 32 + 2 + PAYLOAD_BYTES // 4, dtype=torch.int32)
+    t = torch.from_file(path, shared=True, size=_file_words(rows, words), dtype=torch.int32)
     n = rows * words
     return t[:n].view(rows, words), t[n:n + 32], t[n + 32:]
 
@@ -155,7 +160,7 @@ class MaskWorker:
             raise RuntimeError(f"the grammar mask worker needs Linux futexes (x86_64, aarch64, ppc64le), not "
                                f"{platform.machine()}: set grammar_mask_worker to off")
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, (self.rows * self.words + 32 + 2) * 4 + PAYLOAD_BYTES)
+        os.ftruncate(fd, _file_words(self.rows, self.words) * 4)
         os.close(fd)
         self.bitmask, flags, sub = _shared(self._path, self.rows, self.words)
         self._sub, self._payload = sub[:2].numpy(), sub[2:].view(torch.uint8).numpy()
