@@ -52,6 +52,7 @@ class InFlight:
     tokens: object
     host: object
     ready: object
+    constrained: bool   # [grammar] some row has a matcher
 
 
 class LLMEngine:
@@ -255,8 +256,10 @@ class LLMEngine:
         return True
 
     def _launch_sampling(self, logits, scheduled: list, masks=None) -> InFlight:
-        tokens, host, ready = self.sampler.launch(logits, [s.request for s in scheduled], masks)
-        return InFlight(scheduled, tokens, host, ready)
+        requests = [s.request for s in scheduled]
+        tokens, host, ready = self.sampler.launch(logits, requests, masks)
+        return InFlight(scheduled, tokens, host, ready,
+                        masks is not None or any(r.matcher is not None for r in requests))
 
     def _step_ahead(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
@@ -270,7 +273,8 @@ class LLMEngine:
         # launch, so the GPU never waits for this.
         values = self._submit_masks(prev, early=True)
         nxt = self._launch_next(prev)   # None: the next step() is a synchronous one
-        late = nxt is not None and any(s.request.matcher is not None for s in nxt[1])
+        late = nxt is not None and (prev.constrained if len(nxt[1]) == len(prev.scheduled)   # the same rows
+                                    else any(s.request.matcher is not None for s in nxt[1]))
         if nxt is not None and not late:
             self._inflight = self._launch_sampling(*nxt)
         in_worker = values is not None
@@ -298,8 +302,11 @@ class LLMEngine:
         # (always, even when no constrained row goes on) and n+1's sampling is launched; on a GPU that
         # sampling waits for the workers' flags itself, and this thread looks at them next step
         outputs = self._outputs(touched)
-        row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
-        masks = self.mask_worker.collect([row_of[id(s.request)] for s in nxt[1]] if late else [], gate=late)
+        order = None if late else []   # None: the same rows go on
+        if late and len(nxt[1]) != n:   # some rows left: pick the others'
+            row_of = {id(s.request): i for i, s in enumerate(prev.scheduled)}
+            order = [row_of[id(s.request)] for s in nxt[1]]
+        masks = self.mask_worker.collect(order, gate=late)
         if late:
             self._inflight = self._launch_sampling(*nxt, masks)
         return outputs
@@ -317,15 +324,13 @@ class LLMEngine:
         """[grammar] Hands step n's constrained rows to the mask worker with their newest tokens, not
         appended yet, so that it fills the masks that follow them. `early`: only if the tokens are on the
         host already. Returns step n's values (tokens, then logprobs) if submitted."""
-        if self.mask_worker is None or not any(s.request.matcher is not None for s in prev.scheduled):
+        if self.mask_worker is None or not prev.constrained:
             return None
         if early:
             if prev.ready is not None and not prev.ready.query():
                 return None
             values = prev.host.tolist()
-        requests = [s.request for s in prev.scheduled]
-        extra = {i: int(values[i]) for i, r in enumerate(requests) if r.matcher is not None}
-        return values if self.mask_worker.submit(requests, extra) else None
+        return values if self.mask_worker.submit([s.request for s in prev.scheduled], prev.host.numpy()) else None
 
     def _launch_next(self, prev: InFlight) -> tuple[torch.Tensor, list] | None:
         """The forward pass of step n+1 for the requests of step n that are still running and cannot

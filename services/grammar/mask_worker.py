@@ -38,11 +38,15 @@ import sys
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from services.grammar.matcher import FilledMasks, fill_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker befor
 MAX_PROCESSES = 8
 STALL_S = 30.0            # a worker this long without filling its rows is given up on
 PAYLOAD_BYTES = 1 << 18   # a submission larger than this (mirrors catching up many tokens) goes by socket
+BY_SOCKET, TOKENS_ONLY = -1, -2   # the submission's size word when not a payload in the file
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -120,7 +125,9 @@ class StreamGate:
     cuStreamWaitValue32 (equal) on each word of four flags in the page-locked file, so the work
     launched after it (the bitmask's copy, sampling) runs once the rows are filled, and the host does
     not wait. A flag can only hold the submission or the one before (each is settled before the next
-    is sent), so its low byte tells them apart."""
+    is sent), so its low byte tells them apart. (A stream of its own that waits and copies the rows
+    while the forward pass runs, with the sampling's stream waiting for its event, took the GPU's
+    copy off the step but cost the engine thread 150 us a step in torch's stream and event calls.)"""
 
     def __init__(self, flags: torch.Tensor, procs: int) -> None:
         cuda = ctypes.CDLL("libcuda.so.1")
@@ -130,15 +137,18 @@ class StreamGate:
         self._words = [(ptr.value + 4 * i, min(4, procs - 4 * i)) for i in range((procs + 3) // 4)]
         self._wait = cuda.cuStreamWaitValue32_v2
         self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self(0)                                      # met already (all zero): fails here if the GPU cannot
+        self(0, None)                                # met already (all zero): fails here if the GPU cannot
         torch.cuda.current_stream().synchronize()
 
-    def __call__(self, step: int) -> None:
+    def __call__(self, step: int, bitmask: torch.Tensor | None) -> torch.Tensor | None:
+        """bitmask (rows of the shared file), which the current stream reads once the workers have
+        filled submission `step`."""
         stream = torch.cuda.current_stream().cuda_stream
         for addr, n in self._words:
             rc = self._wait(stream, addr, (step & 0xFF) * (0x01010101 >> 8 * (4 - n)), 1)   # CU_STREAM_WAIT_VALUE_EQ
             if rc != 0:
                 raise RuntimeError(f"cuStreamWaitValue32 returned CUDA error {rc}")
+        return bitmask
 
 
 def _gate(flags: torch.Tensor, procs: int) -> StreamGate | None:
@@ -150,7 +160,7 @@ def _gate(flags: torch.Tensor, procs: int) -> StreamGate | None:
 
 
 class MaskWorker:
-    """The engine's side. `submit(requests, extra)` then `collect()` once per step that uses it.
+    """The engine's side. `submit(requests, newest)` then `collect()` once per step that uses it.
     `processes` worker processes (default: one per four CPUs, at most four) split the rows by request."""
 
     def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
@@ -164,6 +174,7 @@ class MaskWorker:
         os.close(fd)
         self.bitmask, flags, sub = _shared(self._path, self.rows, self.words)
         self._sub, self._payload = sub[:2].numpy(), sub[2:].view(torch.uint8).numpy()
+        self._tokens = sub[2:2 + self.rows].numpy()   # TOKENS_ONLY submissions
         self._sub_addr = sub.data_ptr()
         self._done, self._fill_us = _done_bytes(flags)[:procs], flags[16:16 + procs].numpy()
         self._pinned = _pin(self.bitmask, flags)
@@ -190,60 +201,96 @@ class MaskWorker:
         self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
         self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
         self._pending: tuple[int, list[int], int, list] | None = None
+        self._layout: _Layout | None = None           # the last submission's rows (see submit)
+        self._views: dict[int, torch.Tensor] = {}
 
-    def submit(self, requests: list, extra: dict[int, int] | None = None) -> bool:
+    def submit(self, requests: list, newest=None) -> bool:
         """Send the tokens of the constrained rows (row i = requests[i]) that their mirrors lack, plus
-        `extra[i]`, row i's token not appended yet; the worker then fills those rows. False (nothing
-        sent) when the worker is not worth it or cannot take this step: fill in process then."""
-        rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        `newest[i]`, row i's token not appended yet (a sequence or array, for every row; or None); the worker then
+        fills those rows. False (nothing sent) when the worker is not worth it or cannot take this step:
+        fill in process then."""
+        keys = [r.arrival_seq if r.matcher is not None else -1 for r in requests]
+        layout = self._layout
+        same = layout is not None and keys == layout.keys
+        rows = layout.rows if same else [i for i, k in enumerate(keys) if k >= 0]
         if self.failed or len(rows) < self.min_rows or len(requests) > self.rows or not self.settle():
             return False
-        handles = [requests[i].sampling_params.grammar for i in rows]
-        vocab_size = handles[0].vocab_size
-        if any(h.vocab_size != vocab_size for h in handles) or vocab_size > self.words * 32:
-            return False
-        self._step += 1
+        # The common step: the same sequences in the same rows as the last submission, each lacking only
+        # its newest token: only the batch's newest tokens go, each worker takes its rows' (TOKENS_ONLY).
+        lens = [len(requests[i].token_ids) for i in rows] if same and newest is not None else None
+        if lens is None or lens != layout.taken:
+            handles = [requests[i].sampling_params.grammar for i in rows]
+            if any(h.vocab_size != handles[0].vocab_size for h in handles) or handles[0].vocab_size > self.words * 32:
+                return False
         try:
-            if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
-                self._broadcast(("reset",))
-                self._grammars.clear()
-                self._mirrors.clear()
-            items: list[list] = [[] for _ in self._conns]
-            for i, h in zip(rows, handles):
-                req = requests[i]
-                if id(h) not in self._grammars:
-                    self._register(h)
-                mirror = self._mirrors.get(req.arrival_seq)
-                new = mirror is None
-                if new:
-                    mirror = self._mirrors[req.arrival_seq] = [len(req.prompt_token_ids), 0]
-                ids = req.token_ids
-                tokens = ids[mirror[0]:] if mirror[0] < len(ids) else []   # usually none: the newest is `extra`
-                mirror[0] = len(ids)
-                if extra is not None and i in extra:
-                    tokens.append(extra[i])
-                    mirror[0] += 1
-                mirror[1] = self._step
-                items[req.arrival_seq % len(items)].append(
-                    (i, req.arrival_seq, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
-            # every process takes it, so all count the same submissions
-            payload = pickle.dumps((self._step, items), protocol=pickle.HIGHEST_PROTOCOL)
-            if len(payload) <= len(self._payload):
-                self._payload[:len(payload)] = memoryview(payload)
-                self._sub[1] = len(payload)
+            if lens is not None and lens == layout.taken:
+                self._step += 1
+                layout.taken = [n + 1 for n in lens]
+                self._tokens[:len(requests)] = newest[:len(requests)]
+                self._sub[1] = TOKENS_ONLY
             else:
-                self._sub[1] = -1
-                for conn, part in zip(self._conns, items):
-                    conn.send(("step", self._step, part))
+                parts = self._layout_for(requests, rows, keys, handles, newest)
+                layout = self._layout
+                # every process takes it, so all count the same submissions
+                payload = pickle.dumps((self._step, parts), protocol=pickle.HIGHEST_PROTOCOL)
+                if len(payload) <= len(self._payload):
+                    self._payload[:len(payload)] = memoryview(payload)
+                    self._sub[1] = len(payload)
+                else:
+                    self._sub[1] = BY_SOCKET
+                    for conn, part in zip(self._conns, parts):
+                        conn.send(("step", self._step, part))
             _fence()
             self._sub[0] = self._step & 0x7FFFFFFF   # after the payload
             _futex_wake(self._sub_addr)
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
             return False
-        _expire(self._mirrors, self._step)
-        self._pending = (len(requests), rows, vocab_size, [requests[i] for i in rows])
+        if self._step % EXPIRE_STEPS == 0:
+            self._flush_layout()
+            _expire(self._mirrors, self._step)
+        self._pending = (requests, rows, layout.vocab_size)
         return True
+
+    def _layout_for(self, requests: list, rows: list[int], keys: list[int], handles: list, newest):
+        """A submission's parts, one per worker: (row, mirror key, the tokens it lacks, what a new mirror
+        is made of), and the layout that the next submission may reuse."""
+        self._flush_layout()
+        self._step += 1
+        if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
+            self._broadcast(("reset",))
+            self._grammars.clear()
+            self._mirrors.clear()   # the layout was flushed into them already
+        parts: list[list] = [[] for _ in self._conns]
+        taken = []
+        for i, h in zip(rows, handles):
+            key = keys[i]
+            req = requests[i]
+            if id(h) not in self._grammars:
+                self._register(h)
+            mirror = self._mirrors.get(key)
+            new = mirror is None
+            if new:
+                mirror = self._mirrors[key] = [len(req.prompt_token_ids), 0]
+            ids = req.token_ids
+            tokens = ids[mirror[0]:] if mirror[0] < len(ids) else []   # usually none but the newest
+            mirror[0] = len(ids)
+            if newest is not None:
+                tokens.append(int(newest[i]))
+                mirror[0] += 1
+            mirror[1] = self._step
+            taken.append(mirror[0])
+            parts[key % len(parts)].append((i, key, tokens, (id(h), req.matcher.stop_token_ids) if new else None))
+        self._layout = _Layout(keys, rows, taken, handles[0].vocab_size)
+        return parts
+
+    def _flush_layout(self) -> None:
+        """The mirrors of the last layout took a token at every submission since: write that down (the
+        workers do the same) before the mirrors are looked at."""
+        if self._layout is not None:
+            for i, taken in zip(self._layout.rows, self._layout.taken):
+                key = self._layout.keys[i]
+                self._mirrors[key] = [taken, self._step]
 
     def collect(self, order: list[int] | None = None, gate: bool = False):
         """The rows filled for the last `submit` (a matcher.FilledMasks over the shared bitmask), or
@@ -252,17 +299,17 @@ class MaskWorker:
         `gate`: the caller launches this step's sampling at once on the current CUDA stream; where the
         GPU can wait for the workers' flags, it does so instead of this thread, and `settle` looks at
         them later (call it before anything waits for that sampling)."""
-        from services.grammar.matcher import FilledMasks  # noqa: PLC0415 - xgrammar, only once masks are used
-        (n, rows, vocab_size, requests), self._pending = self._pending, None
+        (requests, rows, vocab_size), self._pending = self._pending, None
+        n = len(requests)
         self._unsettled = (self._step, requests, rows)   # until the flags are seen: see settle
-        bitmask, gathered = self.bitmask[:n], False
+        bitmask, gathered = self._first(n), False
         if order is not None:
             gathered, taken = order != list(range(len(order))), set(rows)
             rows = [j for j, r in enumerate(order) if r in taken] if gathered else [r for r in rows if r < len(order)]
-            bitmask = self.bitmask[:len(order)]
+            bitmask = self._first(len(order))
         if gate and self._gate is not None and rows and not gathered:
             try:
-                self._gate(self._step)
+                bitmask = self._gate(self._step, bitmask)
             except RuntimeError as e:
                 self._fail(str(e))
                 return None
@@ -270,10 +317,16 @@ class MaskWorker:
         if not self.settle():
             return None
         if gathered:   # read on the host: after the rows are filled
-            bitmask = torch.index_select(self.bitmask[:n], 0, torch.tensor(order), out=self._gathered[:len(order)])
+            bitmask = torch.index_select(self._first(n), 0, torch.tensor(order), out=self._gathered[:len(order)])
         if order is not None and not rows:
             return None
         return FilledMasks(bitmask, rows, vocab_size, self._fill_s)
+
+    def _first(self, n: int) -> torch.Tensor:
+        """bitmask[:n], made once (a view costs microseconds that a step counts)."""
+        if n not in self._views:
+            self._views[n] = self.bitmask[:n]
+        return self._views[n]
 
     def settle(self) -> bool:
         """Waits until the workers have filled the last submission's rows (False: a worker failed or
@@ -282,8 +335,8 @@ class MaskWorker:
             return False
         if self._unsettled is None:
             return not self.failed
-        low, deadline = self._unsettled[0] & 0xFF, None
-        while not (self._done == low).all():   # mostly set already: the forward pass took longer
+        want, deadline = bytes([self._unsettled[0] & 0xFF]) * len(self._done), None
+        while self._done.tobytes() != want:   # mostly set already: the forward pass took longer
             if deadline is None:
                 deadline = time.monotonic() + STALL_S
             elif time.monotonic() > deadline:
@@ -293,7 +346,7 @@ class MaskWorker:
                 return False
             time.sleep(0)
         _fence()
-        self._unsettled, self._fill_s = None, float(self._fill_us.max()) / 1e6
+        self._unsettled, self._fill_s = None, max(self._fill_us.tolist()) / 1e6
         return True
 
     def _read_messages(self) -> bool:
@@ -336,13 +389,20 @@ class MaskWorker:
         log.warning("grammar mask worker: %s; masks are filled in the engine's process from now on", why)
         self.failed = True
         if self._unsettled is not None:   # the GPU may wait for these rows: fill them here, then set the flags
-            from services.grammar.matcher import fill_rows  # noqa: PLC0415
             step, requests, rows = self._unsettled
-            live = [(r.matcher.synced(), row) for r, row in zip(requests, rows) if r.matcher is not None]
+            live = [(requests[row].matcher.synced(), row) for row in rows if requests[row].matcher is not None]
             fill_rows([m for m, _ in live], self.bitmask, [row for _, row in live])
             self._done[:] = step & 0xFF
             self._unsettled = None
         self.close()
+
+
+@dataclass
+class _Layout:
+    keys: list[int]            # each row's mirror key (Request.arrival_seq; -1: not constrained)
+    rows: list[int]            # the constrained rows
+    taken: list[int]           # how many of each constrained row's token_ids its mirror has taken
+    vocab_size: int
 
 
 def _expire(mirrors: dict, step: int) -> None:
@@ -379,36 +439,54 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us, sub, payload, 
     `sub` / `payload`: the submission's number and size, and its bytes (arrays in the shared file)."""
     import xgrammar as xgr  # noqa: PLC0415
 
-    from services.grammar.matcher import fill_rows  # noqa: PLC0415
     batch = xgr.BatchGrammarMatcher(1)   # nothing else runs here: one thread fills 32 rows fastest
     infos: dict[int, Any] = {}
     grammars: dict[int, Any] = {}
     mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
 
-    def fill(step: int, items: list) -> None:
+    newest = payload.view(np.int32)        # TOKENS_ONLY: the batch's newest tokens, by row
+    layout: list[list] = [[], [], []]      # the last submission's matchers, rows and mirror keys
+    prev_step = 0
+
+    def flush(step: int) -> None:          # the same rule as the engine's _flush_layout
+        for key in layout[2]:
+            mirrors[key][1] = step
+
+    def fill(step: int, items: list | None) -> None:
+        """items: (row, mirror key, tokens, new mirror's grammar) per row; None: the rows of the last
+        submission, each taking its newest token (TOKENS_ONLY)."""
+        nonlocal prev_step
         t0 = time.perf_counter()
-        matchers, rows = [], []
-        for row, key, tokens, new in items:
-            if new is not None:
-                gid, stop_ids = new
-                mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
-            mirror = mirrors[key]
-            for t in tokens:
-                mirror[0].accept_token(t)
-            mirror[1] = step
-            matchers.append(mirror[0])
-            rows.append(row)
-        fill_rows(matchers, bitmask, rows, batch)
+        if items is None:
+            for m, t in zip(layout[0], newest[layout[1]].tolist()):
+                m.accept_token(t)
+        else:
+            flush(prev_step)
+            layout[:] = [], [], []
+            for row, key, tokens, new in items:
+                if new is not None:
+                    gid, stop_ids = new
+                    mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
+                mirror = mirrors[key]
+                for t in tokens:
+                    mirror[0].accept_token(t)
+                mirror[1] = step
+                for part, x in zip(layout, (mirror[0], row, key)):
+                    part.append(x)
+        fill_rows(layout[0], bitmask, layout[1], batch)
         fill_us[0] = int((time.perf_counter() - t0) * 1e6)
         _fence()
         done[0] = step & 0xFF     # after the rows: the engine, or the GPU, may read them now
-        _expire(mirrors, step)
+        prev_step = step
+        if step % EXPIRE_STEPS == 0:
+            flush(step)
+            _expire(mirrors, step)
 
     try:
         conn.send(("ready",))
     except OSError:   # the engine is gone already
         return
-    seen, last_step = 0, time.monotonic()
+    seen, last_time = 0, time.monotonic()
     while True:
         try:
             # Messages first (grammars, tokenizers, a submission too large for the file): they were sent
@@ -416,7 +494,7 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us, sub, payload, 
             while conn.poll():
                 msg = conn.recv()
                 if msg[0] == "step":
-                    fill(msg[1], msg[2])
+                    fill(*msg[1:])
                 elif msg[0] == "tokenizer":
                     infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
                 elif msg[0] == "grammar":
@@ -424,16 +502,19 @@ def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us, sub, payload, 
                 elif msg[0] == "reset":
                     grammars.clear()
                     mirrors.clear()
+                    layout[:] = [], [], []
             number = int(sub[0])
             if number == seen:   # sleep until the next submission; now and then look at the socket (a
                 # grammar sent while no submission follows; the engine gone): often while decoding
-                _futex_wait(sub.ctypes.data, seen, 0.005 if time.monotonic() - last_step < 1 else 0.05)
+                _futex_wait(sub.ctypes.data, seen, 0.005 if time.monotonic() - last_time < 1 else 0.05)
                 continue
             _fence()
-            seen, last_step = number, time.monotonic()
+            seen, last_time = number, time.monotonic()
             if sub[1] >= 0:
                 step, parts = pickle.loads(payload[:sub[1]].tobytes())
                 fill(step, parts[index])
+            elif sub[1] == TOKENS_ONLY:
+                fill(number, None)
         except (EOFError, OSError):
             return
         except Exception as e:   # noqa: BLE001 - reported to the engine, which then fills in process

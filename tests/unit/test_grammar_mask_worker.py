@@ -70,15 +70,15 @@ def test_engine_outputs_are_the_same_with_the_worker(tiny_model_dir, info):
 
 
 def test_mirrors_catch_up_expire_and_come_back(info):
-    """Rows filled by the worker equal the in-process fill after lagging several tokens, after `extra`
+    """Rows filled by the worker equal the in-process fill after lagging several tokens, after `newest`
     tokens not appended yet, and after the mirror expired and was rebuilt from all the tokens."""
     js, choice = compile_both(info)
     worker = MaskWorker(4, info.vocab_size, processes=2)   # a and b in different processes
     a = Seq(js.new_matcher(), Params(js), arrival_seq=1)
     b = Seq(choice.new_matcher(), Params(choice), arrival_seq=2)
 
-    def same(seqs, extra=None):
-        assert worker.submit(seqs, extra)
+    def same(seqs, newest=None):
+        assert worker.submit(seqs, newest)
         got = worker.collect()
         assert got is not None and got.rows == [i for i, s in enumerate(seqs) if s.matcher is not None]
         want = fill_grammar_bitmask(seqs)
@@ -96,9 +96,12 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     take(a, tokens[:5])                           # five tokens behind: the mirror takes them at once
     same([a, b])
     take(a, tokens[5:6])
-    a.token_ids.pop()                             # step n's token, not appended yet: sent as `extra`
-    same([b, a], extra={1: tokens[5]})
+    a.token_ids.pop()                             # step n's tokens, not appended yet: sent as `newest`
+    b_token = _greedy_tokens(choice, info, 1)[0]
+    assert b.matcher.accept_token(b_token)
+    same([b, a], newest=[b_token, tokens[5]])
     a.token_ids.append(tokens[5])
+    b.token_ids.append(b_token)
     for _ in range(2 * EXPIRE_STEPS):             # `a` unused: both sides drop its mirror
         same([b])
     assert a.arrival_seq not in worker._mirrors
@@ -116,13 +119,57 @@ def test_mirrors_catch_up_expire_and_come_back(info):
     worker.close()
 
 
+def test_steps_with_the_same_rows_send_only_their_new_tokens(info):
+    """Overlapped decoding submits the same rows step after step, each lacking only its newest token
+    (`newest`): only those tokens go, and the rows stay equal to the in-process fill through an expiry,
+    a row that joins, one that leaves until its mirror expires, and its return with tokens it missed."""
+    handle = GrammarHandle.compile(GrammarSpec.regex("[a-z]{0,400}"), info)
+    worker = MaskWorker(4, info.vocab_size, processes=2)
+    a, b, c = (Seq(handle.new_matcher(), Params(handle), arrival_seq=k) for k in (1, 2, 3))
+    tokens = _greedy_tokens(handle, info, 4 * EXPIRE_STEPS)
+    slow, layout_for = [], worker._layout_for
+    worker._layout_for = lambda *args: slow.append(worker._step + 1) or layout_for(*args)
+
+    def next_token(seq):
+        return tokens[len(seq.token_ids) - 2]
+
+    def step(seqs):
+        assert worker.submit(seqs, [next_token(s) for s in seqs])
+        got = worker.collect()
+        for s in seqs:                                # appended after the submission, as the engine does
+            t = next_token(s)
+            assert s.matcher.accept_token(t)
+            s.token_ids.append(t)
+        want = fill_grammar_bitmask(seqs)
+        for i in range(len(seqs)):
+            assert torch.equal(got.bitmask[i], want.bitmask[i]), (worker._step, i)
+
+    for _ in range(EXPIRE_STEPS + 4):                 # one full submission, then tokens alone
+        step([a, b])
+    assert slow == [1]
+    step([a, b, c])                                   # c joins: a full submission, then tokens again
+    step([a, b, c])
+    assert slow == [1, EXPIRE_STEPS + 5]
+    for _ in range(2 * EXPIRE_STEPS):                 # b leaves: its mirror expires on both sides
+        step([a, c])
+    assert b.arrival_seq not in worker._mirrors
+    for t in tokens[len(b.token_ids) - 2:][:3]:       # b goes on without the worker, then comes back
+        assert b.matcher.accept_token(t)
+        b.token_ids.append(t)
+    step([a, b, c])
+    step([c, b, a])                                   # the same sequences in other rows: a full submission
+    step([c, b, a])
+    assert len(slow) == 5
+    worker.close()
+
+
 def test_rows_a_gpu_waits_for_are_filled_when_a_worker_dies(info, caplog):
     """With the GPU-side wait (`collect(gate=True)`) nothing waits on the host; if a worker dies before
     it filled its rows, `settle` fills them in process and sets the flags the GPU waits for."""
     js, choice = compile_both(info)
     worker = MaskWorker(4, info.vocab_size, processes=2)
     gated = []
-    worker._gate = gated.append                    # what the GPU would wait for (CUDA: a StreamGate)
+    worker._gate = lambda step, rows: gated.append(step) or rows   # CUDA: a StreamGate (waits, copies)
     seqs = [Seq(js.new_matcher(), Params(js), arrival_seq=1), Seq(choice.new_matcher(), Params(choice), arrival_seq=2)]
     assert worker.submit(seqs) and worker.collect() is not None       # mirrors made, rows filled
     for seq, t in zip(seqs, (_greedy_tokens(js, info, 1)[0], _greedy_tokens(choice, info, 1)[0])):
