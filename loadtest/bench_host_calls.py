@@ -55,7 +55,8 @@ def main() -> None:
             y.double().repeat(16), non_blocking=True),
     }
     result = {"command": "python -m loadtest.bench_host_calls " + " ".join(sys.argv[1:]),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "idle_gpu_us": {}, "after_replay_us": {}}
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "idle_gpu_us": {}, "after_replay_us": {}}
     side = torch.cuda.Stream()   # warm-up off the capture stream
     with torch.cuda.stream(side):
         x.mul_(1.0)

@@ -200,15 +200,15 @@ class MaskWorker:
         self._mirrors: dict[int, list[int]] = {}      # Request.arrival_seq -> [token_ids taken, last submission]
         self._grammars: dict[int, Any] = {}           # id(GrammarHandle) -> handle (alive, so ids stay unique)
         self._tokenizers: dict[int, Any] = {}         # id(TokenizerInfo) -> info
-        self._pending: tuple[int, list[int], int, list] | None = None
+        self._pending: tuple[list, list[int], int] | None = None   # (requests, constrained rows, vocab size)
         self._layout: _Layout | None = None           # the last submission's rows (see submit)
         self._views: dict[int, torch.Tensor] = {}
 
     def submit(self, requests: list, newest=None) -> bool:
         """Send the tokens of the constrained rows (row i = requests[i]) that their mirrors lack, plus
-        `newest[i]`, row i's token not appended yet (a sequence or array, for every row; or None); the worker then
-        fills those rows. False (nothing sent) when the worker is not worth it or cannot take this step:
-        fill in process then."""
+        `newest[i]`, row i's token not appended yet (a sequence or array, for every row; or None); the
+        worker then fills those rows. False (nothing sent) when the worker is not worth it or cannot take
+        this step: fill in process then."""
         keys = [r.arrival_seq if r.matcher is not None else -1 for r in requests]
         layout = self._layout
         same = layout is not None and keys == layout.keys
@@ -224,7 +224,7 @@ class MaskWorker:
                 return False
         try:
             if lens is not None and lens == layout.taken:
-                self._step += 1
+                self._step = _next(self._step)
                 layout.taken = [n + 1 for n in lens]
                 self._tokens[:len(requests)] = newest[:len(requests)]
                 self._sub[1] = TOKENS_ONLY
@@ -241,7 +241,7 @@ class MaskWorker:
                     for conn, part in zip(self._conns, parts):
                         conn.send(("step", self._step, part))
             _fence()
-            self._sub[0] = self._step & 0x7FFFFFFF   # after the payload
+            self._sub[0] = self._step   # after the payload
             _futex_wake(self._sub_addr)
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
@@ -256,7 +256,7 @@ class MaskWorker:
         """A submission's parts, one per worker: (row, mirror key, the tokens it lacks, what a new mirror
         is made of), and the layout that the next submission may reuse."""
         self._flush_layout()
-        self._step += 1
+        self._step = _next(self._step)
         if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
             self._broadcast(("reset",))
             self._grammars.clear()
@@ -403,6 +403,11 @@ class _Layout:
     rows: list[int]            # the constrained rows
     taken: list[int]           # how many of each constrained row's token_ids its mirror has taken
     vocab_size: int
+
+
+def _next(step: int) -> int:
+    """Submissions are numbered in 31 bits, the futex word's, so both sides see the same numbers."""
+    return (step + 1) & 0x7FFFFFFF
 
 
 def _expire(mirrors: dict, step: int) -> None:
