@@ -20,8 +20,9 @@ def test_split_rows_draw_what_one_program_a_row_draws(splits):
     logits[2, 100:] = float("-inf")                       # everything past the first chunk masked
     temp = torch.tensor([0.0, 0.8, 1.3])
     one, one_lp = fused.sample_rows(logits, temp, seed=7, splits=1)
-    tokens, lps = fused.sample_rows(logits, temp, seed=7, splits=splits)
-    assert torch.equal(tokens, one)
+    out = torch.empty(6, dtype=torch.float64)                # the host's copy: tokens, then logprobs
+    tokens, lps = fused.sample_rows(logits, temp, seed=7, splits=splits, out=out)
+    assert torch.equal(tokens, one) and torch.equal(out, torch.cat([tokens.double(), lps.double()]))
     assert tokens[0] == logits[0].argmax() and tokens[2] < 100
     torch.testing.assert_close(lps, one_lp)
     torch.testing.assert_close(lps, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))

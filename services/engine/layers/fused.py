@@ -199,8 +199,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["seed", "SPLITS"])   # one compiled kernel for every step's seed and batch size
-def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SPLITS, Mask, MaskLimit, mask_stride,
-                   BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Out, Part, V, chunk, seed, SPLITS, Mask, MaskLimit,
+                   mask_stride, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     """One row's chunk of the vocabulary: Gumbel-max sampling at the row's temperature (0: argmax), and
     the chosen token's log-probability under the untempered row (logit - logsumexp), in one pass. With
     one chunk a row (SPLITS == 1) it writes the results; otherwise its partial (max, sum of exp, best
@@ -242,8 +242,11 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SP
         best = tl.where(take, blk, best)
     if SPLITS == 1:
         chosen = tl.load(Logits + row * stride + best_idx).to(tl.float32)
+        lp = chosen - (m + tl.log(s))
         tl.store(OutTok + row, best_idx)
-        tl.store(OutLp + row, chosen - (m + tl.log(s)))
+        tl.store(OutLp + row, lp)
+        tl.store(Out + row, best_idx.to(tl.float64))
+        tl.store(Out + tl.num_programs(0) + row, lp.to(tl.float64))
     else:
         p = Part + (row * SPLITS + split) * 4
         tl.store(p, m)
@@ -253,7 +256,7 @@ def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Part, V, chunk, seed, SP
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
-def _sample_merge_kernel(Logits, stride, OutTok, OutLp, Part, SPLITS, BLOCK_S: tl.constexpr):
+def _sample_merge_kernel(Logits, stride, OutTok, OutLp, Out, Part, SPLITS, BLOCK_S: tl.constexpr):
     """One row: its chunks' partials -> the token with the best score (the first, on ties) and its logprob."""
     pdl_enter()
     row = tl.program_id(0).to(tl.int64)
@@ -270,8 +273,11 @@ def _sample_merge_kernel(Logits, stride, OutTok, OutLp, Part, SPLITS, BLOCK_S: t
     first = tl.argmax(best, 0)
     tok = tl.sum(tl.where(k == first, idx, 0.0), 0).to(tl.int64)
     chosen = tl.load(Logits + row * stride + tok).to(tl.float32)
+    lp = chosen - (m_all + tl.log(total))
     tl.store(OutTok + row, tok)
-    tl.store(OutLp + row, chosen - (m_all + tl.log(total)))
+    tl.store(OutLp + row, lp)
+    tl.store(Out + row, tok.to(tl.float64))
+    tl.store(Out + tl.num_programs(0) + row, lp.to(tl.float64))
 
 
 SAMPLE_BLOCK = 2048
@@ -280,31 +286,35 @@ MAX_SPLITS = 128        # chunks a row at most (one merge kernel for every batch
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int, splits: int | None = None,
-                mask: torch.Tensor | None = None, mask_limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None = None, mask_limit: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32, temperature [B] (0 = greedy). Returns (tokens [B] int64, logprobs [B]):
     the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise. Small
     batches split each row's vocabulary over several programs (`splits`, default: enough for about
     SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their partials in a second kernel.
     `mask` int32 [B, W] (token bitmasks) with `mask_limit` int32 [B]: row i samples only the tokens
     below mask_limit[i] whose bit is set in mask[i], as if the others' logits were -inf; a row whose
-    limit is -1 is not masked."""
+    limit is -1 is not masked. `out` float64 [2B] also receives the tokens, then the logprobs: the host's
+    copy of a step in one transfer, with no kernels to convert and join them."""
     b, v = logits.shape
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     lps = torch.empty(b, dtype=torch.float32, device=logits.device)
     if not b:
         return tokens, lps
+    if out is None:
+        out = torch.empty(2 * b, dtype=torch.float64, device=logits.device)
     blocks = triton.cdiv(v, SAMPLE_BLOCK)
     want = min(blocks, MAX_SPLITS, max(1, SAMPLE_PROGRAMS // b) if splits is None else splits)
     chunk = triton.cdiv(blocks, want) * SAMPLE_BLOCK
     n = triton.cdiv(v, chunk)
     part = torch.empty(b * n * 4 if n > 1 else 1, dtype=torch.float32, device=logits.device)
     has_mask = mask is not None
-    _sample_kernel[(b, n)](logits, logits.stride(0), temperature, tokens, lps, part, v, chunk, seed, n,
+    _sample_kernel[(b, n)](logits, logits.stride(0), temperature, tokens, lps, out, part, v, chunk, seed, n,
                            mask if has_mask else tokens, mask_limit if has_mask else tokens,
                            mask.stride(0) if has_mask else 0, BLOCK=SAMPLE_BLOCK, HAS_MASK=has_mask, num_warps=8,
                            **PDL_LAUNCH)
     if n > 1:
-        _sample_merge_kernel[(b,)](logits, logits.stride(0), tokens, lps, part, n,
+        _sample_merge_kernel[(b,)](logits, logits.stride(0), tokens, lps, out, part, n,
                                    BLOCK_S=MAX_SPLITS, num_warps=1, **PDL_LAUNCH)
     return tokens, lps
 
