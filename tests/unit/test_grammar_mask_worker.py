@@ -163,6 +163,29 @@ def test_steps_with_the_same_rows_send_only_their_new_tokens(info):
     worker.close()
 
 
+def test_submission_numbers_wrap_alike_on_both_sides(info):
+    """Submissions are numbered in the futex word's 31 bits: across the wrap, full and tokens-only
+    submissions still fill the rows the in-process fill gives."""
+    handle = GrammarHandle.compile(GrammarSpec.regex("[a-z]{0,100}"), info)
+    worker = MaskWorker(4, info.vocab_size, processes=2)
+    worker._step = 0x7FFFFFFF - 3
+    seqs = [Seq(handle.new_matcher(), Params(handle), arrival_seq=k) for k in (1, 2)]
+    tokens = _greedy_tokens(handle, info, 12)
+    for k in range(10):
+        if k == 6:
+            seqs.reverse()                            # a full submission after the wrap
+        newest = [tokens[len(s.token_ids) - 2] for s in seqs]
+        assert worker.submit(seqs, newest)
+        got = worker.collect()
+        for s, t in zip(seqs, newest):
+            assert s.matcher.accept_token(t)
+            s.token_ids.append(t)
+        want = fill_grammar_bitmask(seqs)
+        assert torch.equal(got.bitmask[:2], want.bitmask[:2]), k
+    assert worker._step == 6 and not worker.failed
+    worker.close()
+
+
 def test_rows_a_gpu_waits_for_are_filled_when_a_worker_dies(info, caplog):
     """With the GPU-side wait (`collect(gate=True)`) nothing waits on the host; if a worker dies before
     it filled its rows, `settle` fills them in process and sets the flags the GPU waits for."""
