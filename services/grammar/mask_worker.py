@@ -5,9 +5,10 @@ rows' masks on the engine thread (0.5-1 ms) lengthens every step, and a thread c
 and the engine's Python work both want the GIL. The mask worker is a few processes that own mirrors of
 the constrained sequences' matchers (each its share of the sequences). Each step the engine sends the
 tokens the mirrors have not taken yet (`submit`: written to the shared file once, and every worker woken
-with a single futex call), goes on with its own work (appending step n's tokens,
-stop checks, outputs) while the workers take them and fill their rows of a bitmask in shared memory,
-then picks the rows up (`collect`) and launches sampling. Each worker sets a flag in shared memory
+with a single futex call; a step with the same rows as the last writes just the batch's newest tokens),
+goes on with its own work (appending step n's tokens, stop checks, outputs) while the workers take them
+and fill their rows of a bitmask in shared memory, then picks the rows up (`collect`) and launches
+sampling. Each worker sets a flag in shared memory
 once its rows are filled (no reply message). On a GPU the engine thread does not wait for the flags
 there: the stream waits for them on the GPU (cuStreamWaitValue32) before it copies the bitmask, so
 sampling is launched at once, and the engine looks at the flags only when it waits for the step's
