@@ -8,11 +8,10 @@ tokens the mirrors have not taken yet (`submit`: written to the shared file once
 with a single futex call; a step with the same rows as the last writes just the batch's newest tokens),
 goes on with its own work (appending step n's tokens, stop checks, outputs) while the workers take them
 and fill their rows of a bitmask in shared memory, then picks the rows up (`collect`) and launches
-sampling. Each worker sets a flag in shared memory
-once its rows are filled (no reply message). On a GPU the engine thread does not wait for the flags
-there: the stream waits for them on the GPU (cuStreamWaitValue32) before it copies the bitmask, so
-sampling is launched at once, and the engine looks at the flags only when it waits for the step's
-tokens anyway (`settle`).
+sampling. Each worker sets a flag in shared memory once its rows are filled (no reply message). On a
+GPU the engine thread does not wait for the flags there: the stream waits for them on the GPU
+(cuStreamWaitValue32) before it copies the bitmask, so sampling is launched at once, and the engine
+looks at the flags only when it waits for the step's tokens anyway (`settle`).
 
 The engine keeps its own matchers (stop checks, speculative decoding's rollbacks, and the fill when the
 worker is not used), so a mirror only ever follows its request's output tokens: it can lag any number
@@ -23,11 +22,10 @@ from then on, and nothing is lost: its own matchers never depended on the worker
 sampling already waits on the GPU for the flags gets its rows filled by the engine and the flags set
 by it, so the GPU never waits for a worker that is gone.
 
-    python -m services.grammar.mask_worker FD PATH ROWS WORDS INDEX   (started by MaskWorker)
+The worker processes are mask_process.py; the shared file they map and its signals, mask_shm.py.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -44,71 +42,29 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from services.grammar.mask_shm import (
+    BY_SOCKET,
+    EXPIRE_STEPS,
+    MAX_PROCESSES,
+    SYS_FUTEX,
+    TOKENS_ONLY,
+    done_bytes,
+    expire,
+    fence,
+    file_words,
+    futex_wake,
+    next_step,
+    open_shared,
+)
 from services.grammar.matcher import FilledMasks, fill_rows
 
 log = logging.getLogger(__name__)
 
-EXPIRE_STEPS = 64
 MAX_GRAMMARS = 256        # distinct compiled grammars known to the worker before it starts over
-MAX_PROCESSES = 8
 STALL_S = 30.0            # a worker this long without filling its rows is given up on
-PAYLOAD_BYTES = 1 << 18   # a submission larger than this (mirrors catching up many tokens) goes by socket
-BY_SOCKET, TOKENS_ONLY = -1, -2   # the submission's size word when not a payload in the file
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _file_words(rows: int, words: int) -> int:
-    """The shared file's size in int32 words (layout: `_shared`)."""
-    return rows * words + 32 + 2 + PAYLOAD_BYTES // 4
-
-
-def _shared(path: str, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared file: the bitmask [rows, words]; 32 int32 words of flags: worker w's flag is byte w
-    (the low byte of the last submission it filled; four workers' flags make one word that the GPU can
-    wait for), its fill time in microseconds word 16 + w; then the submission: [number (the futex word),
-    payload bytes (-1: sent by socket)] and the pickled payload."""
-    t = torch.from_file(path, shared=True, size=_file_words(rows, words), dtype=torch.int32)
-    n = rows * words
-    return t[:n].view(rows, words), t[n:n + 32], t[n + 32:]
-
-
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "ppc64le": 221}.get(platform.machine())
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def _futex_wake(addr: int) -> None:
-    """Wakes every worker waiting on the submission number (FUTEX_WAKE, shared: across processes)."""
-    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(1), ctypes.c_int(0x7FFFFFFF),
-                  None, None, ctypes.c_int(0))
-
-
-_FENCE_WORD = ctypes.c_int(0)
-_WEAK_ORDER = platform.machine() != "x86_64"
-
-
-def _fence() -> None:
-    """A full memory barrier where the CPU may reorder stores and loads (arm64, POWER; x86 keeps stores
-    in order and loads in order): the kernel's futex wake runs one even with no one to wake."""
-    if _WEAK_ORDER:
-        _futex_wake(ctypes.addressof(_FENCE_WORD))
-
-
-def _futex_wait(addr: int, seen: int, timeout_s: float) -> None:
-    """Sleeps while the submission number is `seen`, at most timeout_s (FUTEX_WAIT)."""
-    ts = _Timespec(0, int(timeout_s * 1e9))
-    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(0), ctypes.c_int(seen),
-                  ctypes.byref(ts), None, ctypes.c_int(0))
-
-
-def _done_bytes(flags: torch.Tensor):
-    return flags[:MAX_PROCESSES // 4].view(torch.uint8).numpy()
 
 
 def _pin(bitmask: torch.Tensor, flags: torch.Tensor) -> bool:
@@ -167,17 +123,17 @@ class MaskWorker:
     def __init__(self, max_rows: int, vocab_size: int, min_rows: int = 1, processes: int | None = None) -> None:
         self.rows, self.words, self.min_rows = max_rows, (vocab_size + 31) // 32, min_rows
         procs = min(processes or default_processes(), MAX_PROCESSES)
-        if _SYS_FUTEX is None:
+        if SYS_FUTEX is None:
             raise RuntimeError(f"the grammar mask worker needs Linux futexes (x86_64, aarch64, ppc64le), not "
                                f"{platform.machine()}: set grammar_mask_worker to off")
         fd, self._path = tempfile.mkstemp(prefix="infer-masks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, _file_words(self.rows, self.words) * 4)
+        os.ftruncate(fd, file_words(self.rows, self.words) * 4)
         os.close(fd)
-        self.bitmask, flags, sub = _shared(self._path, self.rows, self.words)
-        self._sub, self._payload = sub[:2].numpy(), sub[2:].view(torch.uint8).numpy()
-        self._tokens = sub[2:2 + self.rows].numpy()   # TOKENS_ONLY submissions
-        self._sub_addr = sub.data_ptr()
-        self._done, self._fill_us = _done_bytes(flags)[:procs], flags[16:16 + procs].numpy()
+        shared = open_shared(self._path, self.rows, self.words)
+        self.bitmask, flags = shared.bitmask, shared.flags
+        self._sub, self._payload, self._tokens = shared.head, shared.payload, shared.tokens
+        self._sub_addr = self._sub.ctypes.data
+        self._done, self._fill_us = done_bytes(flags)[:procs], flags[16:16 + procs].numpy()
         self._pinned = _pin(self.bitmask, flags)
         self._gate = _gate(flags, procs) if self._pinned else None
         self._gathered = torch.empty(self.bitmask.shape, dtype=torch.int32, pin_memory=self._pinned)   # see collect
@@ -186,7 +142,7 @@ class MaskWorker:
         for w in range(procs):
             ours, theirs = socket.socketpair()
             self._procs.append(subprocess.Popen(
-                [sys.executable, "-m", "services.grammar.mask_worker", str(theirs.fileno()), self._path,
+                [sys.executable, "-m", "services.grammar.mask_process", str(theirs.fileno()), self._path,
                  str(self.rows), str(self.words), str(w)],
                 pass_fds=(theirs.fileno(),), env=env, cwd=str(REPO_ROOT)))
             theirs.close()
@@ -225,7 +181,7 @@ class MaskWorker:
                 return False
         try:
             if lens is not None and lens == layout.taken:
-                self._step = _next(self._step)
+                self._step = next_step(self._step)
                 layout.taken = [n + 1 for n in lens]
                 self._tokens[:len(requests)] = newest[:len(requests)]
                 self._sub[1] = TOKENS_ONLY
@@ -241,15 +197,15 @@ class MaskWorker:
                     self._sub[1] = BY_SOCKET
                     for conn, part in zip(self._conns, parts):
                         conn.send(("step", self._step, part))
-            _fence()
+            fence()
             self._sub[0] = self._step   # after the payload
-            _futex_wake(self._sub_addr)
+            futex_wake(self._sub_addr)
         except OSError as e:
             self._fail(f"cannot reach the worker: {e}")
             return False
         if self._step % EXPIRE_STEPS == 0:
             self._flush_layout()
-            _expire(self._mirrors, self._step)
+            expire(self._mirrors, self._step)
         self._pending = (requests, rows, layout.vocab_size)
         return True
 
@@ -257,7 +213,7 @@ class MaskWorker:
         """A submission's parts, one per worker: (row, mirror key, the tokens it lacks, what a new mirror
         is made of), and the layout that the next submission may reuse."""
         self._flush_layout()
-        self._step = _next(self._step)
+        self._step = next_step(self._step)
         if len(self._grammars) + len(handles) > MAX_GRAMMARS and any(id(h) not in self._grammars for h in handles):
             self._broadcast(("reset",))
             self._grammars.clear()
@@ -346,7 +302,7 @@ class MaskWorker:
             if not self._read_messages():
                 return False
             time.sleep(0)
-        _fence()
+        fence()
         self._unsettled, self._fill_s = None, max(self._fill_us.tolist()) / 1e6
         return True
 
@@ -406,18 +362,6 @@ class _Layout:
     vocab_size: int
 
 
-def _next(step: int) -> int:
-    """Submissions are numbered in 31 bits, the futex word's, so both sides see the same numbers."""
-    return (step + 1) & 0x7FFFFFFF
-
-
-def _expire(mirrors: dict, step: int) -> None:
-    """Both sides run this after each submission, so they drop the same mirrors."""
-    if step % EXPIRE_STEPS == 0:
-        for key in [k for k, m in mirrors.items() if m[-1] <= step - EXPIRE_STEPS]:
-            del mirrors[key]
-
-
 def default_processes() -> int:
     """One per four CPUs this process may run on, at most four: each fills a quarter of 32 rows in
     ~0.35 ms (Llama-3's vocabulary), inside the engine thread's own work of a step."""
@@ -428,7 +372,7 @@ def default_processes() -> int:
 def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bool, sub_addr: int) -> None:
     for conn in conns:
         conn.close()   # the workers find their socket closed once woken: they exit
-    _futex_wake(sub_addr)
+    futex_wake(sub_addr)
     for proc in procs:
         try:
             proc.wait(timeout=5)
@@ -439,103 +383,3 @@ def _stop(procs: list, conns: list, path: str, bitmask: torch.Tensor, pinned: bo
     Path(path).unlink(missing_ok=True)
 
 
-# ---- the worker process ------------------------------------------------------------------------
-def serve(conn: Connection, bitmask: torch.Tensor, done, fill_us, sub, payload, index: int) -> None:
-    """Fills rows for the engine's submissions. `done` / `fill_us`: this worker's flag and fill time;
-    `sub` / `payload`: the submission's number and size, and its bytes (arrays in the shared file)."""
-    import xgrammar as xgr  # noqa: PLC0415
-
-    batch = xgr.BatchGrammarMatcher(1)   # nothing else runs here: one thread fills 32 rows fastest
-    infos: dict[int, Any] = {}
-    grammars: dict[int, Any] = {}
-    mirrors: dict[int, list] = {}          # Request.arrival_seq -> [GrammarMatcher, last submission]
-
-    newest = payload.view(np.int32)        # TOKENS_ONLY: the batch's newest tokens, by row
-    layout: list[list] = [[], [], []]      # the last submission's matchers, rows and mirror keys
-    prev_step = 0
-
-    def flush(step: int) -> None:          # the same rule as the engine's _flush_layout
-        for key in layout[2]:
-            mirrors[key][1] = step
-
-    def fill(step: int, items: list | None) -> None:
-        """items: (row, mirror key, tokens, new mirror's grammar) per row; None: the rows of the last
-        submission, each taking its newest token (TOKENS_ONLY)."""
-        nonlocal prev_step
-        t0 = time.perf_counter()
-        if items is None:
-            for m, t in zip(layout[0], newest[layout[1]].tolist()):
-                m.accept_token(t)
-        else:
-            flush(prev_step)
-            layout[:] = [], [], []
-            for row, key, tokens, new in items:
-                if new is not None:
-                    gid, stop_ids = new
-                    mirrors[key] = [xgr.GrammarMatcher(grammars[gid], override_stop_tokens=stop_ids or None), 0]
-                mirror = mirrors[key]
-                for t in tokens:
-                    mirror[0].accept_token(t)
-                mirror[1] = step
-                for part, x in zip(layout, (mirror[0], row, key)):
-                    part.append(x)
-        fill_rows(layout[0], bitmask, layout[1], batch)
-        fill_us[0] = int((time.perf_counter() - t0) * 1e6)
-        _fence()
-        done[0] = step & 0xFF     # after the rows: the engine, or the GPU, may read them now
-        prev_step = step
-        if step % EXPIRE_STEPS == 0:
-            flush(step)
-            _expire(mirrors, step)
-
-    try:
-        conn.send(("ready",))
-    except OSError:   # the engine is gone already
-        return
-    seen, last_time = 0, time.monotonic()
-    while True:
-        try:
-            # Messages first (grammars, tokenizers, a submission too large for the file): they were sent
-            # before the number that woke this worker moved on.
-            while conn.poll():
-                msg = conn.recv()
-                if msg[0] == "step":
-                    fill(*msg[1:])
-                elif msg[0] == "tokenizer":
-                    infos[msg[1]] = xgr.TokenizerInfo.deserialize_json(msg[2])
-                elif msg[0] == "grammar":
-                    grammars[msg[1]] = xgr.CompiledGrammar.deserialize_json(msg[3], infos[msg[2]])
-                elif msg[0] == "reset":
-                    grammars.clear()
-                    mirrors.clear()
-                    layout[:] = [], [], []
-            number = int(sub[0])
-            if number == seen:   # sleep until the next submission; now and then look at the socket (a
-                # grammar sent while no submission follows; the engine gone): often while decoding
-                _futex_wait(sub.ctypes.data, seen, 0.005 if time.monotonic() - last_time < 1 else 0.05)
-                continue
-            _fence()
-            seen, last_time = number, time.monotonic()
-            if sub[1] >= 0:
-                step, parts = pickle.loads(payload[:sub[1]].tobytes())
-                fill(step, parts[index])
-            elif sub[1] == TOKENS_ONLY:
-                fill(number, None)
-        except (EOFError, OSError):
-            return
-        except Exception as e:   # noqa: BLE001 - reported to the engine, which then fills in process
-            with contextlib.suppress(OSError):
-                conn.send(("error", f"{type(e).__name__}: {e}"))
-            return
-
-
-def main(argv: list[str]) -> None:
-    fd, path, rows, words, index = int(argv[0]), argv[1], *map(int, argv[2:5])
-    torch.set_num_threads(1)
-    bitmask, flags, sub = _shared(path, rows, words)
-    serve(Connection(fd), bitmask, _done_bytes(flags)[index:index + 1], flags[16 + index:17 + index].numpy(),
-          sub[:2].numpy(), sub[2:].view(torch.uint8).numpy(), index)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
