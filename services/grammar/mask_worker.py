@@ -94,18 +94,15 @@ class StreamGate:
         self._words = [(ptr.value + 4 * i, min(4, procs - 4 * i)) for i in range((procs + 3) // 4)]
         self._wait = cuda.cuStreamWaitValue32_v2
         self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self(0, None)                                # met already (all zero): fails here if the GPU cannot
+        self(0)                                      # met already (all zero): fails here if the GPU cannot
         torch.cuda.current_stream().synchronize()
 
-    def __call__(self, step: int, bitmask: torch.Tensor | None) -> torch.Tensor | None:
-        """bitmask (rows of the shared file), which the current stream reads once the workers have
-        filled submission `step`."""
+    def __call__(self, step: int) -> None:
         stream = torch.cuda.current_stream().cuda_stream
         for addr, n in self._words:
             rc = self._wait(stream, addr, (step & 0xFF) * (0x01010101 >> 8 * (4 - n)), 1)   # CU_STREAM_WAIT_VALUE_EQ
             if rc != 0:
                 raise RuntimeError(f"cuStreamWaitValue32 returned CUDA error {rc}")
-        return bitmask
 
 
 def _gate(flags: torch.Tensor, procs: int) -> StreamGate | None:
@@ -266,7 +263,7 @@ class MaskWorker:
             bitmask = self._first(len(order))
         if gate and self._gate is not None and rows and not gathered:
             try:
-                bitmask = self._gate(self._step, bitmask)
+                self._gate(self._step)
             except RuntimeError as e:
                 self._fail(str(e))
                 return None
