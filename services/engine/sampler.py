@@ -221,11 +221,12 @@ class Sampler:
         token_list = [int(t) for t in both[:len(requests)]]
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
 
-    def _sample_fused(self, logits: torch.Tensor, requests: list[Request], masks=None,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_fused(self, logits: torch.Tensor, requests: list[Request],
+                      masks=None) -> tuple[torch.Tensor, torch.Tensor]:
         """GPU rows with temperature alone (or greedy), unseeded: one Triton pass per row (layers/fused.py)
         instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed.
-        `masks` (matcher.FilledMasks): the grammar's token bitmasks, applied inside that pass."""
+        `masks` (matcher.FilledMasks): the grammar's token bitmasks, applied inside that pass. Returns the
+        tokens on the device, and float64 [2B]: the tokens, then their logprobs (what the host reads)."""
         temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
                          torch.float32, logits.device)
         mask = limit = None
@@ -237,12 +238,13 @@ class Sampler:
                                                     for i in range(len(requests))], torch.int32, logits.device))
             limit = self._mask_limit[1]
             mask = masks.bitmask.to(logits.device, non_blocking=True)
-        return fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31), mask=mask, mask_limit=limit, out=out)
+        both = torch.empty(2 * len(requests), dtype=torch.float64, device=logits.device)
+        tokens, _ = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31), mask=mask, mask_limit=limit,
+                                      out=both)
+        return tokens, both
 
     def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
-        both = torch.empty(2 * len(requests), dtype=torch.float64, device=logits.device)   # tokens, logprobs
-        self._sample_fused(logits, requests, out=both)
-        both = both.tolist()
+        both = self._sample_fused(logits, requests)[1].tolist()
         token_list = [int(t) for t in both[:len(requests)]]
         logprobs = logits.log_softmax(-1) if any(sp.logprobs is not None for sp in params) else None
         return SamplerOutput(token_list, self._logprobs(logprobs, token_list, requests), both[len(requests):])
@@ -255,9 +257,8 @@ class Sampler:
         if grammar_masks is None and any(r.matcher is not None for r in requests):
             from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
             grammar_masks = fill_grammar_bitmask(requests)
-        both = torch.empty(2 * len(requests), dtype=torch.float64, device=logits.device)   # tokens, logprobs
-        tokens, _ = self._sample_fused(self.process_logits(logits.float(), requests, grammar=False), requests,
-                                       grammar_masks, out=both)
+        tokens, both = self._sample_fused(self.process_logits(logits.float(), requests, grammar=False), requests,
+                                          grammar_masks)
         if grammar_masks is not None:
             from services.telemetry import metrics  # noqa: PLC0415
             metrics.GRAMMAR_MASK_SECONDS.observe(grammar_masks.fill_s)
