@@ -249,7 +249,8 @@ class MaskWorker:
     def collect(self, order: list[int] | None = None, gate: bool = False):
         """The rows filled for the last `submit` (a matcher.FilledMasks over the shared bitmask), or
         None if the worker failed: the caller fills in process. `order`: row j of the batch to sample
-        is submitted row order[j] (rows of a step that goes on without some of its sequences).
+        is submitted row order[j] (rows of a step that goes on without some of its sequences); None: the
+        submitted rows as they are.
         `gate`: the caller launches this step's sampling at once on the current CUDA stream; where the
         GPU can wait for the workers' flags, it does so instead of this thread, and `settle` looks at
         them later (call it before anything waits for that sampling)."""
