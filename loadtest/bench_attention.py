@@ -1,11 +1,13 @@
 """Microbenchmark of the paged attention backends (TorchAttention, Triton, Flex) on the GPU.
 
-    python -m loadtest.bench_attention [--out loadtest/results]
+    python -m loadtest.bench_attention [--out loadtest/results] [--sweep]
 
 Shapes: decode at batch 256 (Qwen2.5-0.5B and Llama-8B heads), batch-1 decode over a long context,
 prefill, and prefill over a cached prefix. Median times by triton.testing.do_bench (CUDA events),
 each backend checked against TorchAttention first; the effective bandwidth counts the K/V bytes
-that must be read once. Writes attention_backends.json.
+that must be read once. "triton_fp8" reads a float8 copy of the cache (EngineConfig.kv_cache_dtype="fp8";
+its error is float8's rounding of K and V). `--sweep` also times the decode shapes over Triton tile
+configurations, bf16 and float8. Writes attention_backends.json.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 from paged_inputs import random_paged_inputs, rel_err  # noqa: E402
 
 from services.engine.layers.attention import TorchAttention  # noqa: E402
-from services.engine.layers.gpu_attention import make_backend  # noqa: E402
+from services.engine.layers.gpu_attention import TritonAttention, make_backend  # noqa: E402
 
 rng = random.Random(0)
 SHAPES = {  # name: (query lens, context lens, heads, kv heads, head dim)
@@ -35,9 +37,17 @@ SHAPES = {  # name: (query lens, context lens, heads, kv heads, head dim)
 }
 
 
+def timed(impl, q, k, v, cache, meta, d, ref, kv_bytes) -> dict:
+    err = rel_err(impl.forward(q, k, v, cache, meta, d ** -0.5), ref)
+    ms = triton.testing.do_bench(lambda: impl.forward(q, k, v, cache, meta, d ** -0.5), warmup=25, rep=100,
+                                 return_mode="median")
+    return {"ms": round(ms, 4), "rel_err": float(f"{err:.2e}"), "kv_GBps": round(kv_bytes / ms / 1e6, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="loadtest/results")
+    ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "shapes": {}}
@@ -45,18 +55,22 @@ def main() -> None:
         q, k, v, cache, meta = random_paged_inputs(ql, cl, h, kvh, d, dtype=torch.bfloat16, device="cuda")
         kv_bytes = 2 * sum(c + n for c, n in zip(cl, ql)) * kvh * d * 2
         ref = TorchAttention().forward(q, k, v, cache, meta, d ** -0.5)
+        fp8 = tuple(t.to(torch.float8_e4m3fn) for t in cache)
         row = {}
-        for backend in ("torch", "triton", "flex"):
+        for backend in ("torch", "triton", "triton_fp8", "flex"):
             try:
-                impl = TorchAttention() if backend == "torch" else make_backend(backend)
-                out = impl.forward(q, k, v, cache, meta, d ** -0.5)
-                err = rel_err(out, ref)
-                ms = triton.testing.do_bench(lambda: impl.forward(q, k, v, cache, meta, d ** -0.5),
-                                             warmup=25, rep=100, return_mode="median")
-                row[backend] = {"ms": round(ms, 4), "rel_err": float(f"{err:.2e}"),
-                                "kv_GBps": round(kv_bytes / ms / 1e6, 1)}
+                impl = TorchAttention() if backend == "torch" else make_backend(backend.removesuffix("_fp8"))
+                c = fp8 if backend.endswith("_fp8") else cache
+                row[backend] = timed(impl, q, k, v, c, meta, d, ref, kv_bytes // (2 if c is fp8 else 1))
             except Exception as e:  # a backend that fails on a shape is reported, not fatal
                 row[backend] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if a.sweep and name.startswith("decode"):
+            impl = TritonAttention()
+            for c, label in ((cache, "bf16"), (fp8, "fp8")):
+                for tile in [(n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]:
+                    impl.decode_tile = tile
+                    row[f"sweep_{label}_{'_'.join(map(str, tile))}"] = timed(
+                        impl, q, k, v, c, meta, d, ref, kv_bytes // (2 if c is fp8 else 1))
         results["shapes"][name] = row
         print(name, json.dumps(row), flush=True)
     out = Path(a.out)

@@ -50,7 +50,7 @@ def fixed_prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[li
 
 # ---- our engine ----------------------------------------------------------------------------------
 def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_batches: list[int],
-                shape: tuple[int, int], dummy: bool, save=lambda res: None) -> dict:
+                shape: tuple[int, int], dummy: bool, save=lambda res: None, kv_cache_dtype: str = "auto") -> dict:
     """`save(res)` is called after each measurement, so a later failure keeps the earlier numbers."""
     import torch  # noqa: PLC0415
     from services.engine.llm import LLM  # noqa: PLC0415
@@ -60,11 +60,12 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
     t0 = time.perf_counter()
     llm = LLM(model_dir, tokenizer=tokenizer, load_format="dummy" if dummy else "auto", device=device,
               max_num_seqs=max(num_seqs, max(hf_batches)), max_num_batched_tokens=16384 if device == "cuda" else 2048,
-              max_model_len=2048 + 64)
+              max_model_len=2048 + 64, kv_cache_dtype=kv_cache_dtype)
     engine = llm.engine
     res: dict = {"startup_s": round(time.perf_counter() - t0, 2), "num_kv_blocks": engine.runner.num_blocks,
                  "cuda_graph_buckets": engine.runner.graphs.buckets if getattr(engine.runner, "graphs", None) else [],
-                 "attention_backend": type(engine.runner.backend).__name__}
+                 "attention_backend": type(engine.runner.backend).__name__,
+                 "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch.")}
     vocab = engine.vocab_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)  # noqa: E731
@@ -195,10 +196,13 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=None, help="offline workload size (GPU default 256)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help="comma-separated EngineConfig.kv_cache_dtype values, each run side by side ('auto,fp8')")
     ap.add_argument("--child-timeout", type=float, default=600.0, help="seconds for one model's part")
     ap.add_argument("--out", default=str(REPO / "loadtest" / "results"))
     ap.add_argument("--part", choices=["engine", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
     a = ap.parse_args()
     gpu = a.device == "cuda"
     shape, batches = ((128, 128), [1, 128]) if gpu else ((32, 32), [1, 8])
@@ -210,7 +214,7 @@ def main() -> None:
             Path(a.child_out).write_text(json.dumps(res))
             print(json.dumps(res), flush=True)
 
-        res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy, save) \
+        res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy, save, a.kv_cache_dtype) \
             if a.part == "engine" else hf_part(model_dir, a.device, batches, shape, dummy)
         save(res)
         return
@@ -220,7 +224,10 @@ def main() -> None:
     for name in names:
         model_dir = str(CONFIGS / name) if gpu and (CONFIGS / name).is_dir() else name
         common = ["--device", a.device, "--models", model_dir, "--num-seqs", str(num_seqs), "--tokenizer", tokenizer]
-        entry = {"engine": run_child(["--part", "engine", *common], a.child_timeout)}
+        entry = {}
+        for kv in a.kv_cache_dtypes.split(","):    # "engine" is the model's dtype, "engine_fp8" a float8 cache
+            entry["engine" if kv == "auto" else f"engine_{kv}"] = run_child(
+                ["--part", "engine", *common, "--kv-cache-dtype", kv], a.child_timeout)
         if not a.skip_hf:
             entry["hf"] = run_child(["--part", "hf", *common], a.child_timeout)
         results["models"][Path(name).name] = entry

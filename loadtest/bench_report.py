@@ -105,6 +105,9 @@ def write_report(results: dict, out_dir: Path) -> None:
         eng, hf = entry.get("engine", {}), entry.get("hf", {})
         row = {"model": name, "offline_tok_s": _get(eng, "offline", "output_tok_per_s"),
                "itl_ms": _get(eng, "itl_b1", "itl_ms")}
+        if "engine_fp8" in entry:                      # a float8 KV cache, measured in the same run
+            row["offline_tok_s_fp8"] = _get(entry["engine_fp8"], "offline", "output_tok_per_s")
+            row["itl_ms_fp8"] = _get(entry["engine_fp8"], "itl_b1", "itl_ms")
         for b in ("b1", "b128", "b8"):
             ours, theirs = _get(eng, f"hf_shape_{b}", "output_tok_per_s"), _get(hf, b, "output_tok_per_s")
             if ours is not None:
@@ -147,8 +150,12 @@ def _plots(rows: list[dict], device: str, out_dir: Path, meta: dict) -> None:
         for ax, (key, goal, ref, label) in zip(axes[1:], [
                 ("offline_tok_s", "goal_tok_s", "vllm_tok_s", "offline output tokens/s (256 seqs)"),
                 ("itl_ms", "goal_itl_ms", "vllm_itl_ms", "batch-1 inter-token latency, ms")]):
-            for j, (k, lab) in enumerate([(key, "ours"), (ref, "vLLM 0.26 (reference)"), (goal, "goal")]):
-                ax.bar([i + (j - 1) * 0.27 for i in x], [r.get(k) or 0 for r in rows], 0.27, label=lab)
+            bars = [(key, "ours"), (ref, "vLLM 0.26 (reference)"), (goal, "goal")]
+            if any(f"{key}_fp8" in r for r in rows):
+                bars.insert(1, (f"{key}_fp8", "ours, fp8 KV cache"))
+            w = 0.8 / len(bars)
+            for j, (k, lab) in enumerate(bars):
+                ax.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [r.get(k) or 0 for r in rows], w, label=lab)
             ax.set_xticks(list(x), names)
             ax.set_title(label)
             ax.legend(fontsize=8)

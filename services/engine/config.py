@@ -25,6 +25,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None      # None = from kv_cache_memory_gb (CPU) / gpu_memory_utilization
     kv_cache_memory_gb: float = 0.25      # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9
+    # "auto": the KV cache in the model's dtype; "fp8": float8 e4m3 with a scale of 1 (vLLM's "fp8" without
+    # calibrated scales): half of bf16's bytes, so twice the cached tokens and half the bytes a decode step's
+    # attention reads. Values past +-448 saturate. Not with the flex attention backend.
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None      # None = the model's max_position_embeddings
@@ -56,6 +60,9 @@ class EngineConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", '"auto", "cpu" or "cuda"')
         need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", "a power of two in [1, 256]")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "None or >= 2")
+        need(self.kv_cache_dtype in ("auto", "fp8"), "kv_cache_dtype", '"auto" or "fp8"')
+        need(self.kv_cache_dtype == "auto" or self.attention_backend != "flex", "kv_cache_dtype",
+             '"auto" with attention_backend "flex" (flex reads the cache in the model\'s dtype)')
         need(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         need(self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens", ">= block_size")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]")

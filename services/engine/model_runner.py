@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.config import EngineConfig
-from services.engine.layers.attention import AttentionMetadata, get_backend
+from services.engine.layers.attention import AttentionMetadata, as_bytes, get_backend, to_cache_dtype
 from services.engine.loader import build_model
 from services.engine.scheduler import ScheduledRequest
 
@@ -42,11 +42,12 @@ class ModelRunner:
         self.num_layers = hf_config.num_hidden_layers
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # One allocation [layers, 2 (K, V), blocks, ...]; each layer sees views of it, and the KV tier moves
         # whole blocks of every layer with one gather or scatter.
-        self.kv_cache = torch.zeros((self.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros((self.num_layers, 2, *shape), dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.num_layers)]
         if spec_query_len is None and config.speculative_method is not None:
             spec_query_len = config.num_speculative_tokens + 1
@@ -56,7 +57,7 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.kv_dtype.itemsize
 
     def _blocks_from_memory(self) -> int:
         if self.device.type == "cuda":
@@ -168,18 +169,19 @@ class ModelRunner:
         """KV of whole blocks, [layers, 2, n, block_size, kv_heads, head_dim] on the CPU: one index_select
         over every layer. On a GPU the copy to (pinned) host memory is queued behind the step's work, not
         waited for: the event marks it done (the KV tier's writer waits)."""
-        cache = self.kv_cache
+        cache = as_bytes(self.kv_cache)
         cuda = cache.is_cuda
         idx = torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(cache.device, non_blocking=True)
         out = torch.index_select(cache, 2, idx)
         if not cuda:
-            return out, None
+            return out.view(self.kv_dtype), None
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done
+        return host.view(self.kv_dtype), done
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv_cache[:, :, idx] = data.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5)
+        data = to_cache_dtype(data.to(self.device), self.kv_dtype)
+        as_bytes(self.kv_cache)[:, :, idx] = as_bytes(data).permute(1, 2, 0, 3, 4, 5)

@@ -37,7 +37,8 @@ _FP8_MAX = 448.0
 ENCODINGS = ("raw", "fp8")
 _HASH_BYTES = 16       # services/prefix_cache/hashing.py
 _CRC_CHARS = 10        # len(str(2**32 - 1))
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": _FP8}   # an engine's fp8 KV cache (EngineConfig.kv_cache_dtype)
 
 
 class BlobError(ValueError):

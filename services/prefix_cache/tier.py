@@ -98,7 +98,7 @@ class KVTier:
         self.kv, self.runner = block_manager, runner
         self.block_size = block_manager.block_size
         layout = KVLayout("LKBHD", (runner.num_layers, 2, runner.block_size, runner.num_kv_heads,
-                                    runner.head_dim), str(runner.dtype).removeprefix("torch."))
+                                    runner.head_dim), str(runner.kv_dtype).removeprefix("torch."))
         fp = model_fingerprint(engine_config.model, engine_config.load_format, engine_config.seed)
         self.codec = BlockCodec(layout, fp, self.config.encoding)
         self._key_prefix = block_key(fp, layout.fingerprint, b"")

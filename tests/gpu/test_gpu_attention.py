@@ -1,12 +1,15 @@
 """The GPU attention backends compute what TorchAttention computes, on random paged inputs (bf16 and
-float32): decode, prefill, prefill over a cached prefix, shared prefix blocks, split-KV decode."""
+float32): decode, prefill, prefill over a cached prefix, shared prefix blocks, split-KV decode; and over a
+float8 cache, written with torch's rounding and saturation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from services.engine.layers.attention import TorchAttention
-from services.engine.layers.gpu_attention import TritonAttention, make_backend
+from services.engine.layers import fused
+from services.engine.layers.gpu_attention import TritonAttention, make_backend, write_kv_fused
+from services.engine.layers.rotary import RotaryEmbedding
 from paged_inputs import random_paged_inputs, rel_err
 
 pytestmark = [pytest.mark.gpu,
@@ -52,3 +55,47 @@ def test_split_decode_equals_unsplit():
     backend.max_splits = 1
     whole = backend.forward(q, k, v, tuple(t.clone() for t in cache), meta, 128 ** -0.5)
     assert rel_err(split, whole) < 1e-2
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_over_an_fp8_cache(case):
+    q_lens, ctx_lens, h, kvh, d = case
+    q, k, v, cache, meta = random_paged_inputs(q_lens, ctx_lens, h, kvh, d, dtype=torch.bfloat16, device="cuda")
+    cache = tuple(t.to(FP8) for t in cache)
+    ref_cache = tuple(t.clone() for t in cache)
+    TorchAttention().forward(q, k, v, ref_cache, meta, d ** -0.5)                    # torch's rounding
+    ref = TorchAttention().forward(q.double(), k.double(), v.double(), tuple(t.clone() for t in cache), meta,
+                                   d ** -0.5)
+    out = TritonAttention().forward(q, k, v, cache, meta, d ** -0.5)
+    assert same_bytes(cache[0], ref_cache[0]) and same_bytes(cache[1], ref_cache[1])
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+    # Values past the float8 range saturate at +-448 in both writes (not NaN).
+    write_kv_fused(k * 300, v * 300, cache, meta.slot_mapping)
+    TorchAttention().forward(q, k * 300, v * 300, ref_cache, meta, d ** -0.5)
+    assert same_bytes(cache[0], ref_cache[0]) and same_bytes(cache[1], ref_cache[1])
+    assert cache[0].float().abs().max() == 448.0
+
+
+def test_rotary_write_kv_into_an_fp8_cache_rounds_once():
+    """RoPE in float32 then one rounding to float8: against rotating into a bf16 cache and converting that,
+    the only differences are double-rounding cases, one float8 step apart."""
+    q, k, v, cache, meta = random_paged_inputs([40, 1], [0, 20], 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    pos = torch.cat([torch.arange(40), torch.tensor([20])]).cuda()
+    rope = RotaryEmbedding(128, 64, {"rope_theta": 10000.0, "rope_type": "default"}).to("cuda")
+    cos, sin = rope.cos, rope.sin
+    bf16 = tuple(t.clone() for t in cache)
+    f8 = tuple(t.to(FP8) for t in cache)
+    fused.rotary_write_kv_(q.clone(), k.clone(), v, pos, cos, sin, bf16, meta.slot_mapping)
+    fused.rotary_write_kv_(q.clone(), k.clone(), v, pos, cos, sin, f8, meta.slot_mapping)
+    for a, b in zip(f8, bf16):
+        b = b.to(FP8)
+        differ = a.view(torch.uint8) != b.view(torch.uint8)
+        assert differ.float().mean() < 1e-3
+        assert ((a.float() - b.float()).abs() <= b.float().abs() / 8 + 2 ** -9)[differ].all()

@@ -300,3 +300,25 @@ def test_a_backed_up_writer_drops_what_has_no_room_and_counts_it(cold, reference
     tier.writer.flush(timeout_s=60)
     assert tier.stats.blocks_exported == tier.writer.stats.num_written
     assert len(store) == tier.stats.blocks_exported          # what was not dropped was written
+
+
+def test_an_fp8_cache_moves_its_blocks_through_redis_bit_for_bit(tiny_model_dir, redis_url, prompts):
+    """Engines with kv_cache_dtype="fp8" write and load their float8 blocks as they are (a layout of its own,
+    so never mixed up with float32 blocks): the loaded prefix decodes exactly what a recompute decodes."""
+    fp8 = dict(ENGINE, kv_cache_dtype="fp8")
+    want = run(LLM(tiny_model_dir, enable_prefix_caching=False, **fp8), prompts)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tiers = [KVTier(KVTierConfig(redis_url=redis_url, index_namespace=ns, replica_id="w8", write_policy="computed")),
+             KVTier(KVTierConfig(redis_url=redis_url, prior_prefill_tokens_per_s=100))]
+    try:
+        warm, cold = (LLM(tiny_model_dir, kv_tier=t, **fp8) for t in tiers)
+        assert run(warm, prompts[:1]) == want[:1] and run(warm, prompts[1:]) == want[1:]
+        tiers[0].writer.flush(timeout_s=60)
+        assert tiers[0].codec.layout.dtype == "float8_e4m3fn"
+        assert run(cold, prompts) == want
+        assert tiers[1].stats.blocks_hit == PREFIX_BLOCKS + 1 + 2
+        assert tiers[1].stats.bytes_read == tiers[1].stats.blocks_hit * tiers[1].blob_bytes_per_block
+        assert tiers[1].blob_bytes_per_block < 1.1 * cold.engine.runner.kv_bytes_per_block   # one byte a value
+    finally:
+        for t in tiers:
+            t.close()

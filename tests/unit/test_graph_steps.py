@@ -84,9 +84,11 @@ def test_decode_steps_on_graph_buffers(tiny_model_dir, plain):
     assert llm.engine.runner.graphs.replays > 10
 
 
-def test_overlapped_decoding_matches_step_by_step(tiny_model_dir):
-    """Overlapped decoding on graph buffers, with the fused sampling kernel in Triton's interpreter."""
-    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_overlapped_decoding_matches_step_by_step(tiny_model_dir, kv_cache_dtype):
+    """Overlapped decoding on graph buffers, with the fused sampling kernel in Triton's interpreter; also
+    over a float8 KV cache (the interpreter rounds to float8 its own way, so only against itself)."""
+    llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", kv_cache_dtype=kv_cache_dtype, **COMMON), None)
     check_overlapped_decoding(llm, PROMPTS, [24, 19, 14], longest=0)
 
 

@@ -10,6 +10,9 @@ sequence can already be read by another (prefix hits scheduled in the same step)
 `TorchAttention` is the reference backend (CPU and GPU): it gathers each sequence's context into a
 padded batch and calls SDPA with a causal mask offset by the cached context; GQA without repeating
 heads (enable_gqa). Faster GPU backends implement the same `forward`.
+
+The cache may be float8 e4m3 (EngineConfig.kv_cache_dtype="fp8", a scale of 1): keys and values are
+clamped to +-448 and rounded on their way in, and read back in the query's dtype.
 """
 from __future__ import annotations
 
@@ -37,11 +40,25 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+FP8_MAX = 448.0   # the largest float8 e4m3 value
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor seen as uint8 (torch does not index or copy float8 by index on every device)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp_(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
              slot_mapping: torch.Tensor) -> None:
-    k_cache, v_cache = kv_cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache in zip((k, v), kv_cache):
+        flat = as_bytes(cache).view(-1, *cache.shape[2:])
+        flat.index_copy_(0, slot_mapping, as_bytes(to_cache_dtype(x, cache.dtype)))
 
 
 class TorchAttention(AttentionBackend):
@@ -53,8 +70,8 @@ class TorchAttention(AttentionBackend):
         max_blocks = -(-meta.max_seq_len // block_size)
         tables = meta.block_tables[:, :max_blocks].long()
         # [B, max_blocks * block_size, KVH, D] -> [B, KVH, S, D]
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        keys = as_bytes(k_cache)[tables].view(k_cache.dtype).flatten(1, 2).transpose(1, 2)
+        values = as_bytes(v_cache)[tables].view(v_cache.dtype).flatten(1, 2).transpose(1, 2)
         num_heads, head_dim = q.shape[1], q.shape[2]
         device = q.device
         q_len = torch.tensor(meta.query_lens_cpu, device=device)

@@ -88,6 +88,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
+def cast_for(x, Ptr):
+    """x in Ptr's element type; into a float8 KV cache clamped to +-448 first (see layers/attention.py)."""
+    if Ptr.dtype.element_ty.is_fp8():
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(Ptr.dtype.element_ty)
+
+
+@triton.jit
 def _cos_sin(Pos, Cos, Sin, t, stride_c, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     """Token t's cos and sin rows [1, HALF_PAD] at its position, with the column offsets and their mask."""
     pos = tl.load(Pos + t)
@@ -109,8 +117,8 @@ def _rotate_heads(Src, Dst, src_h, dst_h, cos, sin, d, dm, H: tl.constexpr, H_PA
     x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
     dst = Dst + h * dst_h + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(Dst.dtype.element_ty), mask=m)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Dst.dtype.element_ty), mask=m)
+    tl.store(dst, cast_for(x1 * cos - x2 * sin, Dst), mask=m)
+    tl.store(dst + HALF, cast_for(x2 * cos + x1 * sin, Dst), mask=m)
 
 
 @triton.jit
@@ -156,8 +164,8 @@ def _rotary_kv_kernel(Q, K, V, KC, VC, Pos, Cos, Sin, Slots, stride_qt, stride_q
         m = (h < HK) & dm[None, :]
         vsrc = V + t * stride_vt + h * stride_vh + d[None, :]
         vdst = VC + slot * stride_slot + h * (2 * HALF) + d[None, :]
-        tl.store(vdst, tl.load(vsrc, mask=m), mask=m)
-        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=m), mask=m)
+        tl.store(vdst, cast_for(tl.load(vsrc, mask=m), VC), mask=m)
+        tl.store(vdst + HALF, cast_for(tl.load(vsrc + HALF, mask=m), VC), mask=m)
 
 
 def rotary_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

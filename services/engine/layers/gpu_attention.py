@@ -11,7 +11,8 @@ compute exactly what `TorchAttention` computes, without gathering the context in
   style) and stops at the tile's last causal position. It reads only device tensors, so it is safe
   inside a CUDA graph; rows with query length 0 (graph padding) exit at once, slots < 0 are skipped.
   Long decode contexts are split over NUM_SPLITS programs per sequence (flash-decoding) and merged
-  by a second small kernel, so batch-1 decode still fills the GPU.
+  by a second small kernel, so batch-1 decode still fills the GPU. A float8 cache is read as such and
+  converted to the query's dtype in registers: half the bytes of bf16 from memory.
 - `FlexAttentionBackend`: `flex_attention` over the whole cache seen as one long sequence, with a
   block mask whose KV block indices are the request's block table (KV block = cache block), and a
   mask_mod that maps a physical slot back to its logical position (a cached block sits at the same
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.layers import fused
-from services.engine.layers.fused import PDL_LAUNCH, pdl_enter
+from services.engine.layers.fused import PDL_LAUNCH, cast_for, pdl_enter
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 
 import triton
@@ -45,8 +46,8 @@ def _write_kv_kernel(K, V, KC, VC, slots, stride_k, stride_v, stride_slot,
         return
     offs = tl.arange(0, ROW_PAD)
     m = offs < ROW
-    tl.store(KC + slot * stride_slot + offs, tl.load(K + t * stride_k + offs, mask=m), mask=m)
-    tl.store(VC + slot * stride_slot + offs, tl.load(V + t * stride_v + offs, mask=m), mask=m)
+    tl.store(KC + slot * stride_slot + offs, cast_for(tl.load(K + t * stride_k + offs, mask=m), KC), mask=m)
+    tl.store(VC + slot * stride_slot + offs, cast_for(tl.load(V + t * stride_v + offs, mask=m), VC), mask=m)
 
 
 @triton.jit
@@ -91,7 +92,8 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         n_ok = offs_n < kv_hi
         page = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
         kv_off = page * stride_kb + (offs_n % PAGE) * stride_kt + kv_base
-        k = tl.load(KC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(KC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                                        # [M, N], log2 units
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -99,8 +101,9 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        v = tl.load(VC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC)
         m_i = m_new
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -155,6 +158,8 @@ class TritonAttention(AttentionBackend):
 
     def __init__(self, max_splits: int = 16):
         self.max_splits = max_splits
+        # (BLOCK_N, num_warps, num_stages) of decode and of prefill steps (loadtest/bench_attention.py --sweep)
+        self.decode_tile = self.prefill_tile = (64, 4, 2)
 
     def num_splits(self, meta: AttentionMetadata, num_seqs: int, num_kv_heads: int) -> int:
         """Split decode contexts so that about 2 waves of programs cover the GPU's SMs (132 on an H100)."""
@@ -184,9 +189,9 @@ class TritonAttention(AttentionBackend):
         d_pad = triton.next_power_of_2(head_dim)
         splits = self.num_splits(meta, num_seqs, num_kv_heads)
         if meta.max_query_len == 1:
-            block_q, block_n = max(1, 16 // group_pad), 64      # rows: (1 query x group), padded to 16
+            block_q, (block_n, warps, stages) = max(1, 16 // group_pad), self.decode_tile   # rows: group, to 16
         else:
-            block_q, block_n = max(1, 64 // group_pad), 64
+            block_q, (block_n, warps, stages) = max(1, 64 // group_pad), self.prefill_tile
         grid = (num_seqs, splits if splits > 1 else triton.cdiv(meta.max_query_len, block_q), num_kv_heads)
         part_acc = part_ml = out            # unused unless split
         if splits > 1:
@@ -198,7 +203,7 @@ class TritonAttention(AttentionBackend):
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), meta.block_tables.stride(0),
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
-            PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=4, num_stages=2,
+            PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=warps, num_stages=stages,
             PREC="ieee" if q.dtype == torch.float32 else "tf32", **PDL_LAUNCH)   # float32 stays exact (no tf32)
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
