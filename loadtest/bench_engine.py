@@ -178,7 +178,8 @@ def run_child(args: list[str], timeout_s: float) -> dict:
         out = f.name
     cmd = [sys.executable, "-m", "loadtest.bench_engine", "--child-out", out, *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         text = Path(out).read_text()
         return {**(json.loads(text) if text else {}), "error": f"timed out after {timeout_s} s: {' '.join(args)}"}

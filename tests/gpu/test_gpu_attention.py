@@ -97,5 +97,5 @@ def test_rotary_write_kv_into_an_fp8_cache_rounds_once():
     for a, b in zip(f8, bf16):
         b = b.to(FP8)
         differ = a.view(torch.uint8) != b.view(torch.uint8)
-        assert differ.float().mean() < 1e-3
+        assert differ.float().mean() < 3e-2     # ~1 % measured: bf16 lands on a float8 tie ~1 time in 64
         assert ((a.float() - b.float()).abs() <= b.float().abs() / 8 + 2 ** -9)[differ].all()

@@ -11,8 +11,8 @@ compute exactly what `TorchAttention` computes, without gathering the context in
   style) and stops at the tile's last causal position. It reads only device tensors, so it is safe
   inside a CUDA graph; rows with query length 0 (graph padding) exit at once, slots < 0 are skipped.
   Long decode contexts are split over NUM_SPLITS programs per sequence (flash-decoding) and merged
-  by a second small kernel, so batch-1 decode still fills the GPU. A float8 cache is read as such and
-  converted to the query's dtype in registers: half the bytes of bf16 from memory.
+  by a second small kernel, so batch-1 decode still fills the GPU. A float8 cache is read as such (half
+  the bytes of bf16) and converted to fp16 in registers.
 - `FlexAttentionBackend`: `flex_attention` over the whole cache seen as one long sequence, with a
   block mask whose KV block indices are the request's block table (KV block = cache block), and a
   mask_mod that maps a physical slot back to its logical position (a cached block sits at the same
@@ -75,6 +75,11 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
     d_ok = offs_d < D
     q = tl.load(Q + (q_start + q_idx).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    qk_scale = scale_log2
+    if KC.dtype.element_ty.is_fp8():
+        # A float8 cache converts to fp16 in one instruction a pair: q and p go to fp16 too, with the softmax
+        # scale folded into q first (which keeps it far inside fp16's range).
+        q, qk_scale = (q.to(tl.float32) * scale_log2).to(tl.float16), 1.0
     q_pos = ctx + q_idx
     kv_end = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))   # causal bound of the tile
     kv_lo = 0
@@ -94,7 +99,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         kv_off = page * stride_kb + (offs_n % PAGE) * stride_kt + kv_base
         k = tl.load(KC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                                        # [M, N], log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale                    # [M, N], log2 units
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row may see no key in this block
@@ -159,7 +164,7 @@ class TritonAttention(AttentionBackend):
     def __init__(self, max_splits: int = 16):
         self.max_splits = max_splits
         # (BLOCK_N, num_warps, num_stages) of decode and of prefill steps (loadtest/bench_attention.py --sweep)
-        self.decode_tile = self.prefill_tile = (64, 4, 2)
+        self.decode_tile, self.prefill_tile = (128, 4, 3), (64, 4, 2)
 
     def num_splits(self, meta: AttentionMetadata, num_seqs: int, num_kv_heads: int) -> int:
         """Split decode contexts so that about 2 waves of programs cover the GPU's SMs (132 on an H100)."""
