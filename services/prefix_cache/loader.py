@@ -178,7 +178,7 @@ class PrefixLoader:
         for job, p in zip(jobs, present):
             if not p:
                 tier.count_blocks("miss", len(job.hashes) - job.start)
-        self._finish([j for j in batch if j not in jobs] + [j for j, p in zip(jobs, present) if not p])
+        self._finish([j for j in batch if j not in jobs] + [j for j, p in zip(jobs, present) if not p], claimed)
         jobs = [j for j, p in zip(jobs, present) if p]
         if not jobs:
             return
@@ -209,15 +209,19 @@ class PrefixLoader:
             claimed.update(job.claimed)
             fetches.append((job, span))
         fetching = {id(job) for job, _ in fetches}
-        self._finish([j for j in jobs if id(j) not in fetching])
+        self._finish([j for j in jobs if id(j) not in fetching], claimed)
         if fetches:
             with self._cond:
                 for job, _ in fetches:
                     self._claimed.update(job.claimed)
             self._fetch(fetches)
 
-    def _finish(self, jobs: list[LoadJob]) -> None:
-        """Release jobs of a batch that have nothing more to do (no need to wait for its fetches)."""
+    def _finish(self, jobs: list[LoadJob], claimed: set[bytes]) -> None:
+        """Release jobs of a batch that have nothing more to do (no need to wait for its fetches), except
+        those whose prefix runs through blocks another job is fetching: they wait for the batch, so that
+        those blocks are imported before their requests are scheduled (and hit, not computed again)."""
+        cached = self._tier.kv.cached
+        jobs = [j for j in jobs if not any(h in claimed and h not in cached for h in j.hashes[:j.start])]
         if jobs:
             with self._cond:
                 for job in jobs:

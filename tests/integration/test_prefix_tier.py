@@ -123,6 +123,19 @@ def test_outputs_identical_off_local_and_from_redis_into_a_cold_engine(redis_url
     assert llm.engine.kv.prefix_hits >= 3 * PREFIX_BLOCKS * 16
 
 
+def test_requests_that_share_a_fetched_prefix_wait_for_it(redis_url, warm, cold, reference, prompts):
+    """Only the shared prefix is in Redis: the first request fetches it; the other two have nothing of their
+    own to fetch but are held until the prefix is imported, and hit it instead of computing it again."""
+    want = reference(prompts)
+    publish(warm, prompts[:1])
+    llm, tier = cold(redis_url=redis_url, prior_prefill_tokens_per_s=100)
+    hits_before = llm.engine.kv.prefix_hits
+    assert run(llm, prompts) == want
+    assert tier.stats.decisions_fetch == 1 and tier.stats.blocks_hit == PREFIX_BLOCKS
+    assert tier.stats.bytes_read == PREFIX_BLOCKS * tier.blob_bytes_per_block
+    assert llm.engine.kv.prefix_hits - hits_before >= 3 * PREFIX_BLOCKS * 16
+
+
 def test_fp8_blocks_load_and_decode_close_to_the_original(redis_url, warm, cold, reference, prompts):
     # The warm replica writes fp8 this time; blobs describe their encoding, so any reader decodes them.
     warm[1].codec = BlockCodec(warm[1].codec.layout, warm[1].codec.model_fingerprint, "fp8")
