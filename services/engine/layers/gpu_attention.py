@@ -213,7 +213,7 @@ class TritonAttention(AttentionBackend):
             out.stride(0), out.stride(1), meta.block_tables.stride(0),
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
             PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=warps, num_stages=stages,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32", **PDL_LAUNCH, **limits)   # float32 stays exact (no tf32)
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", **PDL_LAUNCH, **limits)   # float32: exact, no tf32
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
                                                         out.stride(0), out.stride(1), num_heads,
