@@ -33,7 +33,7 @@ import torch
 
 MAGIC = b"KVB1"
 _FP8 = torch.float8_e4m3fn
-_FP8_MAX = 448.0
+_FP8_MAX = torch.finfo(_FP8).max   # 448
 ENCODINGS = ("raw", "fp8")
 _HASH_BYTES = 16       # services/prefix_cache/hashing.py
 _CRC_CHARS = 10        # len(str(2**32 - 1))

@@ -40,7 +40,7 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-FP8_MAX = 448.0   # the largest float8 e4m3 value
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max   # 448
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
