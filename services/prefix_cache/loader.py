@@ -23,7 +23,9 @@ Loader thread, per batch (one round trip each, whatever the number of requests):
 Invariants: only the engine thread touches the block manager and the KV tensors; the loader thread
 only reads `BlockManager.cached` (a dict: membership tests are atomic). Blocks a job is fetching are
 "claimed": later jobs treat them as local (so two requests with one prefix fetch it once) until the
-engine imports them or drops the job. An import re-checks the chain on the engine thread: blocks that
+engine imports them or drops the job; such a job is done only with its batch, after those blocks were fetched
+(one loader thread, batches in order), and the engine imports done jobs in submission order, so they are
+cached before its request is queued. An import re-checks the chain on the engine thread: blocks that
 no longer continue the request's cached prefix are dropped, never registered.
 """
 from __future__ import annotations
