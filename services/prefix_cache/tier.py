@@ -100,7 +100,11 @@ class KVTier:
         layout = KVLayout("LKBHD", (runner.num_layers, 2, runner.block_size, runner.num_kv_heads,
                                     runner.head_dim), str(runner.kv_dtype).removeprefix("torch."))
         fp = model_fingerprint(engine_config.model, engine_config.load_format, engine_config.seed)
-        self.codec = BlockCodec(layout, fp, self.config.encoding)
+        encoding = self.config.encoding
+        if encoding == "fp8" and runner.kv_dtype.itemsize == 1:   # re-quantizing a float8 cache only loses
+            log.info("KV tier: the engine's KV cache is float8 already; its blocks are stored raw, not fp8-encoded")
+            encoding = "raw"
+        self.codec = BlockCodec(layout, fp, encoding)
         self._key_prefix = block_key(fp, layout.fingerprint, b"")
         self.blob_bytes_per_block = len(self.codec.encode(b"\0" * 16, torch.zeros(layout.shape,
                                                                                   dtype=layout.torch_dtype)))

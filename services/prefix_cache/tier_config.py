@@ -16,7 +16,7 @@ class KVTierConfig:
     redis_url: str = ""                 # "" = an in-process memory store (one replica, tests)
     memory_bytes: int = 256 * 2**20     # the memory store's bound
     ttl_s: int = 3600                   # Redis key TTL, refreshed on every read
-    encoding: str = "raw"               # "raw" (exact) | "fp8" (half of bf16; see blob.py)
+    encoding: str = "raw"               # "raw" (exact) | "fp8" (half of bf16; see blob.py; raw over a float8 cache)
     socket_timeout_s: float = 0.25
     breaker_failures: int = 3           # consecutive failures that open the breaker
     breaker_cooldown_s: float = 2.0     # then a probe every cool-down

@@ -321,13 +321,14 @@ def test_an_fp8_cache_moves_its_blocks_through_redis_bit_for_bit(tiny_model_dir,
     fp8 = dict(ENGINE, kv_cache_dtype="fp8")
     want = run(LLM(tiny_model_dir, enable_prefix_caching=False, **fp8), prompts)
     ns = f"t{uuid.uuid4().hex[:8]}"
-    tiers = [KVTier(KVTierConfig(redis_url=redis_url, index_namespace=ns, replica_id="w8", write_policy="computed")),
+    tiers = [KVTier(KVTierConfig(redis_url=redis_url, index_namespace=ns, replica_id="w8", write_policy="computed",
+                                 encoding="fp8")),      # stored raw all the same: the cache is float8 already
              KVTier(KVTierConfig(redis_url=redis_url, prior_prefill_tokens_per_s=100))]
     try:
         warm, cold = (LLM(tiny_model_dir, kv_tier=t, **fp8) for t in tiers)
         assert run(warm, prompts[:1]) == want[:1] and run(warm, prompts[1:]) == want[1:]
         tiers[0].writer.flush(timeout_s=60)
-        assert tiers[0].codec.layout.dtype == "float8_e4m3fn"
+        assert tiers[0].codec.layout.dtype == "float8_e4m3fn" and tiers[0].codec.encoding == "raw"
         assert run(cold, prompts) == want
         assert tiers[1].stats.blocks_hit == PREFIX_BLOCKS + 1 + 2
         assert tiers[1].stats.bytes_read == tiers[1].stats.blocks_hit * tiers[1].blob_bytes_per_block
