@@ -83,7 +83,7 @@ def next_step(step: int) -> int:
 
 
 def expire(mirrors: dict, step: int) -> None:
-    """Both sides run this after each submission, so they drop the same mirrors."""
-    if step % EXPIRE_STEPS == 0:
-        for key in [k for k, m in mirrors.items() if m[-1] <= step - EXPIRE_STEPS]:
-            del mirrors[key]
+    """Both sides run this after every EXPIRE_STEPS-th submission, once their mirrors hold the last layout's
+    progress, so they drop the same mirrors."""
+    for key in [k for k, m in mirrors.items() if m[-1] <= step - EXPIRE_STEPS]:
+        del mirrors[key]
