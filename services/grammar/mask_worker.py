@@ -172,12 +172,13 @@ class MaskWorker:
         # The common step: the same sequences in the same rows as the last submission, each lacking only
         # its newest token: only the batch's newest tokens go, each worker takes its rows' (TOKENS_ONLY).
         lens = [len(requests[i].token_ids) for i in rows] if same and newest is not None else None
-        if lens is None or lens != layout.taken:
+        tokens_only = lens is not None and lens == layout.taken
+        if not tokens_only:
             handles = [requests[i].sampling_params.grammar for i in rows]
             if any(h.vocab_size != handles[0].vocab_size for h in handles) or handles[0].vocab_size > self.words * 32:
                 return False
         try:
-            if lens is not None and lens == layout.taken:
+            if tokens_only:
                 self._step = next_step(self._step)
                 layout.taken = [n + 1 for n in lens]
                 self._tokens[:len(requests)] = newest[:len(requests)]
