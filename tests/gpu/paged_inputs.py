@@ -50,3 +50,17 @@ def random_paged_inputs(q_lens: list[int], ctx_lens: list[int], num_heads: int, 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def every_float8_value(head_dim: int, dtype=torch.float32, device="cpu"):
+    """Decode inputs whose sequences have a single key each, so that attention returns its V row as it is:
+    the V rows hold every finite float8 e4m3 value (and zeros), the cache is float8. Returns the inputs of
+    `random_paged_inputs` and the expected output [T, heads, D] (two query heads per KV head)."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[~values.isnan()]
+    rows = -(-len(values) // head_dim)
+    v_rows = torch.cat([values, values.new_zeros(rows * head_dim - len(values))]).view(rows, 1, head_dim)
+    q, k, _, cache, meta = random_paged_inputs([1] * rows, [0] * rows, 2, 1, head_dim, dtype=dtype, device=device)
+    v = v_rows.to(dtype).to(device)
+    cache = tuple(t.to(torch.float8_e4m3fn) for t in cache)
+    return (q, k, v, cache, meta), v.expand(rows, 2, head_dim)

@@ -10,7 +10,7 @@ from services.engine.layers.attention import TorchAttention
 from services.engine.layers import fused
 from services.engine.layers.gpu_attention import TritonAttention, make_backend, write_kv_fused
 from services.engine.layers.rotary import RotaryEmbedding
-from paged_inputs import random_paged_inputs, rel_err
+from paged_inputs import every_float8_value, random_paged_inputs, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -81,6 +81,15 @@ def test_triton_over_an_fp8_cache(case):
     TorchAttention().forward(q, k * 300, v * 300, ref_cache, meta, d ** -0.5)
     assert same_bytes(cache[0], ref_cache[0]) and same_bytes(cache[1], ref_cache[1])
     assert cache[0].float().abs().max() == 448.0
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_float8_value_of_v_reads_back_exactly(head_dim):
+    """A float8 V goes to fp16 by moving bits (read as int16 pairs): with one key a sequence, attention returns
+    each V row exactly, every finite value (subnormals, +-448) included."""
+    inputs, want = every_float8_value(head_dim, torch.bfloat16, "cuda")
+    out = TritonAttention().forward(*inputs, head_dim ** -0.5)
+    assert torch.equal(out.float(), want.float())
 
 
 def test_rotary_write_kv_into_an_fp8_cache_rounds_once():

@@ -1,4 +1,5 @@
-"""Fused GPU kernels (layers/fused.py: `sample_rows`, `gemv`) in Triton's interpreter, on the CPU."""
+"""Fused GPU kernels (layers/fused.py: `sample_rows`, `gemv`; the attention kernel's float8 V) in Triton's
+interpreter, on the CPU."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRI
                                 reason="the GPU tests run the compiled kernel")
 
 from services.engine.layers import fused  # noqa: E402
+from services.engine.layers.gpu_attention import TritonAttention  # noqa: E402
+from tests.gpu.paged_inputs import every_float8_value  # noqa: E402
 
 
 @pytest.mark.parametrize("splits", [None, 2, 3])
@@ -98,3 +101,11 @@ def test_rotary_in_place_matches_the_eager_rope():
     fused.rotary_(q, k, positions, rope.cos, rope.sin)
     torch.testing.assert_close(q, ref_q)
     torch.testing.assert_close(k, ref_k)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_float8_value_of_v_reads_back_exactly(head_dim):
+    """The bit moves that turn a float8 V into fp16 (int16 pairs): one key a sequence returns its V row, every
+    finite float8 value included (the interpreter's own float8 conversion is not involved)."""
+    inputs, want = every_float8_value(head_dim)
+    assert torch.equal(TritonAttention().forward(*inputs, head_dim ** -0.5), want)

@@ -12,7 +12,8 @@ compute exactly what `TorchAttention` computes, without gathering the context in
   inside a CUDA graph; rows with query length 0 (graph padding) exit at once, slots < 0 are skipped.
   Long decode contexts are split over NUM_SPLITS programs per sequence (flash-decoding) and merged
   by a second small kernel, so batch-1 decode still fills the GPU. A float8 cache is read as such (half
-  the bytes of bf16) and converted to fp16 in registers.
+  the bytes of bf16) and converted to fp16 in registers: K by the hardware's conversion, and V in decode by
+  moving bits (it is loaded as int16 pairs, so that its copies are 16 bytes wide).
 - `FlexAttentionBackend`: `flex_attention` over the whole cache seen as one long sequence, with a
   block mask whose KV block indices are the request's block table (KV block = cache block), and a
   mask_mod that maps a physical slot back to its logical position (a cached block sits at the same
@@ -55,7 +56,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                        D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       PREC: tl.constexpr):
+                       PREC: tl.constexpr, V_PAIRS: tl.constexpr):
     pdl_enter()
     seq = tl.program_id(0)
     tile = tl.program_id(1)          # query tile (prefill) or KV split (decode, NUM_SPLITS > 1)
@@ -91,6 +92,11 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
     m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
+    if V_PAIRS:   # a float8 V read as int16 pairs: even and odd columns accumulate apart
+        acc_even = tl.zeros([BLOCK_Q * G_PAD, D_PAD // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_Q * G_PAD, D_PAD // 2], tl.float32)
+        V_pairs = VC.to(tl.pointer_type(tl.int16), bitcast=True)
+        offs_pair = tl.arange(0, D_PAD // 2)
     kv_base = kvh * stride_kh
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -106,14 +112,30 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC)
+        if V_PAIRS:
+            # Decode: loaded as float8, V came in 8-byte copies (its tile is transposed for the dot), and float8
+            # decode read at 2.2 TB/s. As int16 pairs it comes in 16-byte copies; the bytes become fp16 by moving
+            # their sign, exponent and mantissa bits into place, which gives the value times 2^-8 (the exponent
+            # biases differ by 8; subnormals included), so p is scaled by 2^8. 9-14 % faster on decode shapes,
+            # 12-17 % slower on prefill ones (loadtest/results/NOTES.md), which keep the float8 loads.
+            x = tl.load(V_pairs + tl.multiple_of(kv_off // 2, 8)[:, None] + offs_pair[None, :], mask=n_ok[:, None],
+                        other=0).to(tl.uint16, bitcast=True)
+            v_even = (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+            v_odd = ((x & 0x8000) | ((x & 0x7F00) >> 1)).to(tl.uint16).to(tl.float16, bitcast=True)
+            p16 = (p * 256.0).to(tl.float16)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
+        else:
+            v = tl.load(VC + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC)
         m_i = m_new
+    if V_PAIRS:
+        acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_Q * G_PAD, D_PAD])   # columns interleaved back
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(Out + (q_start + q_idx).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        rows = (q_start + q_idx).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(Out + rows + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         # Partial results of this split for the decode row (q_idx == 0), merged by _merge_splits_kernel.
         H = tl.num_programs(2) * G
@@ -201,7 +223,8 @@ class TritonAttention(AttentionBackend):
         # A decode program over a float8 cache takes 222 registers a thread, so two fit an SM (ncu: 12.5 %
         # occupancy, the DRAM half busy). Capped at 168, three fit: 8-10 % faster on the 8B's heads (same over
         # bf16 is slower: it is bound by bytes already).
-        limits = {"maxnreg": 168} if meta.max_query_len == 1 and k_cache.dtype == torch.float8_e4m3fn else {}
+        fp8_decode = meta.max_query_len == 1 and k_cache.dtype == torch.float8_e4m3fn
+        limits = {"maxnreg": 168} if fp8_decode else {}
         part_acc = part_ml = out            # unused unless split
         if splits > 1:
             part_acc = torch.empty(num_seqs * splits * num_heads, d_pad, dtype=torch.float32, device=q.device)
@@ -213,7 +236,8 @@ class TritonAttention(AttentionBackend):
             out.stride(0), out.stride(1), meta.block_tables.stride(0),
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
             PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=warps, num_stages=stages,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32", **PDL_LAUNCH, **limits)   # float32: exact, no tf32
+            PREC="ieee" if q.dtype == torch.float32 else "tf32",    # float32: exact, no tf32
+            V_PAIRS=fp8_decode and head_dim == d_pad, **PDL_LAUNCH, **limits)
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
                                                         out.stride(0), out.stride(1), num_heads,
