@@ -52,6 +52,17 @@ def _write_kv_kernel(K, V, KC, VC, slots, stride_k, stride_v, stride_slot,
 
 
 @triton.jit
+def _fp8_pairs(Ptr, offs, mask):
+    """Loads float8 e4m3 values as int16 pairs (16-byte copies) and returns the even and the odd ones as fp16
+    times 2^-8, by moving bits: sign to bit 15, exponent and mantissa up by 7 (the exponent biases differ by 8;
+    subnormals included)."""
+    x = tl.load(Ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+    even = (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+    odd = ((x & 0x8000) | ((x & 0x7F00) >> 1)).to(tl.uint16).to(tl.float16, bitcast=True)
+    return even, odd
+
+
+@triton.jit
 def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens, query_start_loc, scale_log2,
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,14 +125,11 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_PAIRS:
             # Decode: loaded as float8, V came in 8-byte copies (its tile is transposed for the dot), and float8
-            # decode read at 2.2 TB/s. As int16 pairs it comes in 16-byte copies; the bytes become fp16 by moving
-            # their sign, exponent and mantissa bits into place, which gives the value times 2^-8 (the exponent
-            # biases differ by 8; subnormals included), so p is scaled by 2^8. 9-14 % faster on decode shapes,
-            # 12-17 % slower on prefill ones (loadtest/results/NOTES.md), which keep the float8 loads.
-            x = tl.load(V_pairs + tl.multiple_of(kv_off // 2, 8)[:, None] + offs_pair[None, :], mask=n_ok[:, None],
-                        other=0).to(tl.uint16, bitcast=True)
-            v_even = (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-            v_odd = ((x & 0x8000) | ((x & 0x7F00) >> 1)).to(tl.uint16).to(tl.float16, bitcast=True)
+            # decode read at 2.2 TB/s. As int16 pairs it comes in 16-byte copies; they give V times 2^-8, so p is
+            # scaled by 2^8. 9-14 % faster on decode shapes, 12-17 % slower on prefill ones, which keep the
+            # float8 loads. K the same way was 8-13 % slower (loadtest/results/NOTES.md).
+            v_even, v_odd = _fp8_pairs(V_pairs, tl.multiple_of(kv_off // 2, 8)[:, None] + offs_pair[None, :],
+                                       n_ok[:, None])
             p16 = (p * 256.0).to(tl.float16)
             acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
             acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
