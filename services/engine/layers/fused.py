@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.engine.layers.attention import FP8_MAX
+
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:   # a Triton without grid dependency control: PDL stays off
@@ -87,11 +89,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return out
 
 
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
+
 @triton.jit
 def cast_for(x, Ptr):
-    """x in Ptr's element type; into a float8 KV cache clamped to +-448 first (see layers/attention.py)."""
+    """x in Ptr's element type; into a float8 KV cache clamped to +-448 first, as `to_cache_dtype` does
+    (layers/attention.py)."""
     if Ptr.dtype.element_ty.is_fp8():
-        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        x = tl.clamp(x.to(tl.float32), -_FP8_MAX, _FP8_MAX)
     return x.to(Ptr.dtype.element_ty)
 
 
