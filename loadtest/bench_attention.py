@@ -37,10 +37,12 @@ SHAPES = {  # name: (query lens, context lens, heads, kv heads, head dim)
 }
 
 
-def timed(impl, q, k, v, cache, meta, d, ref, kv_bytes) -> dict:
+def timed(impl, q, k, v, cache, meta, d, ref, kv_values) -> dict:
+    """Median time, error against ref, and the K/V bytes read a second (kv_values of the cache's dtype)."""
     err = rel_err(impl.forward(q, k, v, cache, meta, d ** -0.5), ref)
     ms = triton.testing.do_bench(lambda: impl.forward(q, k, v, cache, meta, d ** -0.5), warmup=25, rep=100,
                                  return_mode="median")
+    kv_bytes = kv_values * cache[0].element_size()
     return {"ms": round(ms, 4), "rel_err": float(f"{err:.2e}"), "kv_GBps": round(kv_bytes / ms / 1e6, 1)}
 
 
@@ -53,7 +55,7 @@ def main() -> None:
                "shapes": {}}
     for name, (ql, cl, h, kvh, d) in SHAPES.items():
         q, k, v, cache, meta = random_paged_inputs(ql, cl, h, kvh, d, dtype=torch.bfloat16, device="cuda")
-        kv_bytes = 2 * sum(c + n for c, n in zip(cl, ql)) * kvh * d * 2
+        kv_values = 2 * sum(c + n for c, n in zip(cl, ql)) * kvh * d
         ref = TorchAttention().forward(q, k, v, cache, meta, d ** -0.5)
         fp8 = tuple(t.to(torch.float8_e4m3fn) for t in cache)
         row = {}
@@ -61,7 +63,7 @@ def main() -> None:
             try:
                 impl = TorchAttention() if backend == "torch" else make_backend(backend.removesuffix("_fp8"))
                 c = fp8 if backend.endswith("_fp8") else cache
-                row[backend] = timed(impl, q, k, v, c, meta, d, ref, kv_bytes // (2 if c is fp8 else 1))
+                row[backend] = timed(impl, q, k, v, c, meta, d, ref, kv_values)
             except Exception as e:  # a backend that fails on a shape is reported, not fatal
                 row[backend] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if a.sweep and name.startswith("decode"):
@@ -69,8 +71,7 @@ def main() -> None:
             for c, label in ((cache, "bf16"), (fp8, "fp8")):
                 for tile in [(n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]:
                     impl.decode_tile = tile
-                    row[f"sweep_{label}_{'_'.join(map(str, tile))}"] = timed(
-                        impl, q, k, v, c, meta, d, ref, kv_bytes // (2 if c is fp8 else 1))
+                    row[f"sweep_{label}_{'_'.join(map(str, tile))}"] = timed(impl, q, k, v, c, meta, d, ref, kv_values)
         results["shapes"][name] = row
         print(name, json.dumps(row), flush=True)
     out = Path(a.out)
