@@ -12,8 +12,8 @@ compute exactly what `TorchAttention` computes, without gathering the context in
   inside a CUDA graph; rows with query length 0 (graph padding) exit at once, slots < 0 are skipped.
   Long decode contexts are split over NUM_SPLITS programs per sequence (flash-decoding) and merged
   by a second small kernel, so batch-1 decode still fills the GPU. A float8 cache is read as such (half
-  the bytes of bf16) and converted to fp16 in registers: K by the hardware's conversion, and V in decode by
-  moving bits (it is loaded as int16 pairs, so that its copies are 16 bytes wide).
+  the bytes of bf16) and converted to fp16 in registers by the hardware's conversion; in decode V is loaded as
+  int16 pairs, so that its copies are 16 bytes wide, and each pair converted by one instruction.
 - `FlexAttentionBackend`: `flex_attention` over the whole cache seen as one long sequence, with a
   block mask whose KV block indices are the request's block table (KV block = cache block), and a
   mask_mod that maps a physical slot back to its logical position (a cached block sits at the same
@@ -23,6 +23,8 @@ compute exactly what `TorchAttention` computes, without gathering the context in
 Run on the CPU for tests with TRITON_INTERPRET=1 (Triton) or eager flex (slow reference math).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,6 +36,7 @@ import triton
 import triton.language as tl
 
 _SPLIT_MIN_TOKENS = 512   # below this context a decode sequence is one program (splitting costs a merge)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter runs no inline PTX
 
 
 @triton.jit
@@ -52,14 +55,19 @@ def _write_kv_kernel(K, V, KC, VC, slots, stride_k, stride_v, stride_slot,
 
 
 @triton.jit
-def _fp8_pairs(Ptr, offs, mask):
-    """Loads float8 e4m3 values as int16 pairs (16-byte copies) and returns the even and the odd ones as fp16
-    times 2^-8, by moving bits: sign to bit 15, exponent and mantissa up by 7 (the exponent biases differ by 8;
-    subnormals included)."""
-    x = tl.load(Ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+def _fp8_pairs(Ptr, offs, mask, BY_BITS: tl.constexpr):
+    """Loads float8 e4m3 values as int16 pairs (16-byte copies) and returns the even and the odd ones as fp16:
+    one `cvt.rn.f16x2.e4m3x2` a pair. In the interpreter (`BY_BITS`) by moving bits instead: sign to bit 15,
+    exponent and mantissa up by 7, which gives the value times 2^-8 (the exponent biases differ by 8;
+    subnormals included), then times 2^8."""
+    x = tl.load(Ptr + offs, mask=mask, other=0)
+    if not BY_BITS:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+                                         "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    x = x.to(tl.uint16, bitcast=True)
     even = (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
     odd = ((x & 0x8000) | ((x & 0x7F00) >> 1)).to(tl.uint16).to(tl.float16, bitcast=True)
-    return even, odd
+    return (even.to(tl.float32) * 256.0).to(tl.float16), (odd.to(tl.float32) * 256.0).to(tl.float16)
 
 
 @triton.jit
@@ -67,7 +75,8 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                        D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       PREC: tl.constexpr, V_PAIRS: tl.constexpr):
+                       PREC: tl.constexpr, V_PAIRS: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
     pdl_enter()
     seq = tl.program_id(0)
     tile = tl.program_id(1)          # query tile (prefill) or KV split (decode, NUM_SPLITS > 1)
@@ -125,12 +134,12 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_PAIRS:
             # Decode: loaded as float8, V came in 8-byte copies (its tile is transposed for the dot), and float8
-            # decode read at 2.2 TB/s. As int16 pairs it comes in 16-byte copies; they give V times 2^-8, so p is
-            # scaled by 2^8. 9-14 % faster on decode shapes, 12-17 % slower on prefill ones, which keep the
-            # float8 loads. K the same way was 8-13 % slower (loadtest/results/NOTES.md).
+            # decode read at 2.2 TB/s. As int16 pairs it comes in 16-byte copies: 13-21 % faster on decode
+            # shapes, slower on prefill ones, which keep the float8 loads. K the same way gained nothing
+            # (loadtest/results/NOTES.md).
             v_even, v_odd = _fp8_pairs(V_pairs, tl.multiple_of(kv_off // 2, 8)[:, None] + offs_pair[None, :],
-                                       n_ok[:, None])
-            p16 = (p * 256.0).to(tl.float16)
+                                       n_ok[:, None], INTERPRETED)
+            p16 = p.to(tl.float16)
             acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
             acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
         else:
@@ -245,7 +254,7 @@ class TritonAttention(AttentionBackend):
             G=group, G_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, D=head_dim, D_PAD=d_pad,
             PAGE=k_cache.shape[1], NUM_SPLITS=splits, num_warps=warps, num_stages=stages,
             PREC="ieee" if q.dtype == torch.float32 else "tf32",    # float32: exact, no tf32
-            V_PAIRS=fp8_decode and head_dim == d_pad, **PDL_LAUNCH, **limits)
+            V_PAIRS=fp8_decode and head_dim == d_pad, INTERPRETED=_INTERPRETED, **PDL_LAUNCH, **limits)
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_ml, meta.query_start_loc,
                                                         out.stride(0), out.stride(1), num_heads,
