@@ -294,8 +294,12 @@ def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | No
     eng = llm.engine
     worker = eng.mask_worker
     variants = {"json_schema": worker, **({"json_schema_in_process": None} if worker is not None else {})}
-    free_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)  # noqa: E731
-    cons_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, grammar=handle)  # noqa: E731
+    # Deltas, as the servers ask for them (services/serving/llm_server.py): cumulative outputs would copy every
+    # sequence's tokens and text each step, host work the serving path does not do.
+    free_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True,  # noqa: E731
+                                         output_kind="delta")
+    cons_params = lambda: SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, grammar=handle,  # noqa: E731
+                                         output_kind="delta")
     out = {}
     for b in batches:
         runs: dict[str, list[dict]] = {"unconstrained": [], **{k: [] for k in variants}}
