@@ -19,6 +19,7 @@ Results: loadtest/results/engine_bench_<device>.json and PNG plots (see bench_re
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,7 +51,8 @@ def fixed_prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[li
 
 # ---- our engine ----------------------------------------------------------------------------------
 def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_batches: list[int],
-                shape: tuple[int, int], dummy: bool, save=lambda res: None, kv_cache_dtype: str = "auto") -> dict:
+                shape: tuple[int, int], dummy: bool, save=lambda res: None, kv_cache_dtype: str = "auto",
+                quantization: str | None = None) -> dict:
     """`save(res)` is called after each measurement, so a later failure keeps the earlier numbers."""
     import torch  # noqa: PLC0415
     from services.engine.llm import LLM  # noqa: PLC0415
@@ -60,12 +62,12 @@ def engine_part(model_dir: str, tokenizer: str, device: str, num_seqs: int, hf_b
     t0 = time.perf_counter()
     llm = LLM(model_dir, tokenizer=tokenizer, load_format="dummy" if dummy else "auto", device=device,
               max_num_seqs=max(num_seqs, max(hf_batches)), max_num_batched_tokens=16384 if device == "cuda" else 2048,
-              max_model_len=2048 + 64, kv_cache_dtype=kv_cache_dtype)
+              max_model_len=2048 + 64, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     engine = llm.engine
     res: dict = {"startup_s": round(time.perf_counter() - t0, 2), "num_kv_blocks": engine.runner.num_blocks,
                  "cuda_graph_buckets": engine.runner.graphs.buckets if getattr(engine.runner, "graphs", None) else [],
                  "attention_backend": type(engine.runner.backend).__name__,
-                 "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch.")}
+                 "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch."), "quantization": quantization}
     vocab = engine.vocab_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)  # noqa: E731
@@ -199,11 +201,14 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--kv-cache-dtypes", default="auto",
                     help="comma-separated EngineConfig.kv_cache_dtype values, each run side by side ('auto,fp8')")
+    ap.add_argument("--quantization", default="none",
+                    help="comma-separated EngineConfig.quantization values, each run with each KV dtype ('none,fp8')")
     ap.add_argument("--child-timeout", type=float, default=600.0, help="seconds for one model's part")
     ap.add_argument("--out", default=str(REPO / "loadtest" / "results"))
     ap.add_argument("--part", choices=["engine", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--quant", default="none", help=argparse.SUPPRESS)
     a = ap.parse_args()
     gpu = a.device == "cuda"
     shape, batches = ((128, 128), [1, 128]) if gpu else ((32, 32), [1, 8])
@@ -215,8 +220,11 @@ def main() -> None:
             Path(a.child_out).write_text(json.dumps(res))
             print(json.dumps(res), flush=True)
 
-        res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy, save, a.kv_cache_dtype) \
-            if a.part == "engine" else hf_part(model_dir, a.device, batches, shape, dummy)
+        if a.part == "engine":
+            res = engine_part(model_dir, a.tokenizer, a.device, num_seqs, batches, shape, dummy, save,
+                              a.kv_cache_dtype, None if a.quant == "none" else a.quant)
+        else:
+            res = hf_part(model_dir, a.device, batches, shape, dummy)
         save(res)
         return
     names = a.models.split(",") if a.models else (GPU_MODELS if gpu else [str(TINY)])
@@ -226,9 +234,11 @@ def main() -> None:
         model_dir = str(CONFIGS / name) if gpu and (CONFIGS / name).is_dir() else name
         common = ["--device", a.device, "--models", model_dir, "--num-seqs", str(num_seqs), "--tokenizer", tokenizer]
         entry = {}
-        for kv in a.kv_cache_dtypes.split(","):    # "engine" is the model's dtype, "engine_fp8" a float8 cache
-            entry["engine" if kv == "auto" else f"engine_{kv}"] = run_child(
-                ["--part", "engine", *common, "--kv-cache-dtype", kv], a.child_timeout)
+        # "engine": the model's dtype throughout; "_w8": float8 weights; "_fp8": a float8 KV cache
+        for quant, kv in itertools.product(a.quantization.split(","), a.kv_cache_dtypes.split(",")):
+            key = "engine" + ("" if quant == "none" else "_w8") + ("" if kv == "auto" else f"_{kv}")
+            entry[key] = run_child(["--part", "engine", *common, "--kv-cache-dtype", kv, "--quant", quant],
+                                   a.child_timeout)
         if not a.skip_hf:
             entry["hf"] = run_child(["--part", "hf", *common], a.child_timeout)
         results["models"][Path(name).name] = entry

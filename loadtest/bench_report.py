@@ -97,6 +97,9 @@ def _get(d: dict, *keys):
     return d
 
 
+VARIANTS = {"_fp8": "fp8 KV cache", "_w8": "fp8 weights", "_w8_fp8": "fp8 weights and KV cache"}   # engine* keys
+
+
 def write_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = results["meta"]["device"]
@@ -105,9 +108,10 @@ def write_report(results: dict, out_dir: Path) -> None:
         eng, hf = entry.get("engine", {}), entry.get("hf", {})
         row = {"model": name, "offline_tok_s": _get(eng, "offline", "output_tok_per_s"),
                "itl_ms": _get(eng, "itl_b1", "itl_ms")}
-        if "engine_fp8" in entry:                      # a float8 KV cache, measured in the same run
-            row["offline_tok_s_fp8"] = _get(entry["engine_fp8"], "offline", "output_tok_per_s")
-            row["itl_ms_fp8"] = _get(entry["engine_fp8"], "itl_b1", "itl_ms")
+        for suffix in VARIANTS:                        # float8 KV cache / weights, measured in the same run
+            if f"engine{suffix}" in entry:
+                row[f"offline_tok_s{suffix}"] = _get(entry[f"engine{suffix}"], "offline", "output_tok_per_s")
+                row[f"itl_ms{suffix}"] = _get(entry[f"engine{suffix}"], "itl_b1", "itl_ms")
         for b in ("b1", "b128", "b8"):
             ours, theirs = _get(eng, f"hf_shape_{b}", "output_tok_per_s"), _get(hf, b, "output_tok_per_s")
             if ours is not None:
@@ -151,8 +155,8 @@ def _plots(rows: list[dict], device: str, out_dir: Path, meta: dict) -> None:
                 ("offline_tok_s", "goal_tok_s", "vllm_tok_s", "offline output tokens/s (256 seqs)"),
                 ("itl_ms", "goal_itl_ms", "vllm_itl_ms", "batch-1 inter-token latency, ms")]):
             bars = [(key, "ours"), (ref, "vLLM 0.26 (reference)"), (goal, "goal")]
-            if any(f"{key}_fp8" in r for r in rows):
-                bars.insert(1, (f"{key}_fp8", "ours, fp8 KV cache"))
+            for j, (suffix, what) in enumerate((s, w) for s, w in VARIANTS.items() if any(key + s in r for r in rows)):
+                bars.insert(1 + j, (key + suffix, f"ours, {what}"))
             w = 0.8 / len(bars)
             for j, (k, lab) in enumerate(bars):
                 ax.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [r.get(k) or 0 for r in rows], w, label=lab)

@@ -29,6 +29,10 @@ class EngineConfig:
     # calibrated scales): half of bf16's bytes, so twice the cached tokens and half the bytes a decode step's
     # attention reads. Values past +-448 saturate. Not with the flex attention backend.
     kv_cache_dtype: str = "auto"
+    # None: weights in `dtype`; "fp8": the decoder layers' linear weights in float8 e4m3 with a scale per output
+    # channel and activations quantized per token as they run (vLLM's "fp8" on a bf16 checkpoint; GPU with
+    # compute capability 8.9+ only; layers/quant.py). Half the weight bytes, at the price of float8 rounding.
+    quantization: str | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None      # None = the model's max_position_embeddings
@@ -63,6 +67,7 @@ class EngineConfig:
         need(self.kv_cache_dtype in ("auto", "fp8"), "kv_cache_dtype", '"auto" or "fp8"')
         need(self.kv_cache_dtype == "auto" or self.attention_backend != "flex", "kv_cache_dtype",
              '"auto" with attention_backend "flex" (flex reads the cache in the model\'s dtype)')
+        need(self.quantization in (None, "fp8"), "quantization", 'None or "fp8"')
         need(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
         need(self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens", ">= block_size")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]")

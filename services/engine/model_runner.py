@@ -37,6 +37,8 @@ class ModelRunner:
             self.dtype = _DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, config.load_format, config.model, self.dtype, self.device, config.seed)
+        if config.quantization == "fp8":
+            self._quantize_fp8()
         self.backend = get_backend(config.attention_backend, self.device)
         self.block_size = config.block_size
         self.num_layers = hf_config.num_hidden_layers
@@ -54,6 +56,14 @@ class ModelRunner:
         # GPU decode and speculative steps replay CUDA graphs (cuda_graphs.py)
         self.graphs, self.spec_graphs = self._capture_graphs(spec_query_len or 1)
         self._warm_up_kernels()
+
+    def _quantize_fp8(self) -> None:
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError("quantization='fp8' needs a CUDA GPU with float8 tensor cores (compute capability "
+                             "8.9+: Ada, Hopper); leave quantization unset on this device")
+        from services.engine.layers.quant import quantize_fp8_  # noqa: PLC0415
+        quantize_fp8_(self.model)
+        torch.cuda.empty_cache()   # the bf16 weights' memory goes to the KV cache
 
     @property
     def kv_bytes_per_block(self) -> int:

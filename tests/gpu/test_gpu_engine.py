@@ -103,6 +103,25 @@ def test_fp8_kv_cache_decodes_close_to_bf16(tiny_model_dir):
     check_overlapped_decoding(fp8, PROMPTS, [1, 5, 17, 40], longest=3)
 
 
+def test_fp8_weights_decode_close_to_bf16(tiny_model_dir):
+    """quantization="fp8" (float8 weights in every decoder layer, activations per token): first-token
+    log-probabilities within 0.5 of bf16's, greedy tokens alike up to the first near-tie; the CUDA graphs
+    replay what the eager path computes, and every KV block comes back."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 tensor cores need compute capability 8.9+")
+    common = dict(tokenizer=tokenizer_dir(tiny_model_dir), device="cuda", max_num_seqs=8, max_model_len=512,
+                  num_kv_blocks=256, seed=0)
+    bf16, fp8 = LLM(tiny_model_dir, **common), LLM(tiny_model_dir, quantization="fp8", **common)
+    layer = fp8.engine.runner.model.model.layers[0]
+    assert layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn and fp8.engine.runner.graphs.graphs
+    assert fp8.engine.runner.model.lm_head.weight.dtype == torch.bfloat16
+    assert compare_bf16(generate(bf16, 8), generate(fp8, 8), 8, require_all=False, tol=0.5) >= len(PROMPTS) // 2
+    eager = LLM(tiny_model_dir, quantization="fp8", enforce_eager=True, **common)
+    assert [o.token_ids for o in generate(eager, 12)] == [o.token_ids for o in generate(fp8, 12)]
+    check_overlapped_decoding(fp8, PROMPTS, [1, 5, 17, 40], longest=3)
+    assert fp8.engine.kv.num_free_blocks == fp8.engine.kv.num_blocks
+
+
 def test_overlapped_decoding_matches_step_by_step():
     llm = LLM(str(DUMMY), tokenizer=ensure_tokenizer(None), load_format="dummy", device="cuda", dtype="float32",
               max_num_seqs=8, max_model_len=512, num_kv_blocks=256, seed=0)

@@ -166,3 +166,33 @@ def test_kernels_launch_dependent_on_hopper_and_chain_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+def test_quantize_rows_rounds_to_the_nearest_float8():
+    """On the GPU's conversion: every value within half a float8 step of itself (2^-4 relative for normal
+    values, 2^-10 of the scale for subnormal ones), the largest at 448 times the scale."""
+    from services.engine.layers.quant import quantize_rows   # noqa: PLC0415
+    g = torch.Generator("cuda").manual_seed(6)
+    x = torch.randn(5, 4096, device="cuda", generator=g) * torch.tensor([[1e-3], [1.0], [300.0], [0.0], [1.0]],
+                                                                        device="cuda")
+    q, scale = quantize_rows(x.bfloat16())
+    x = x.bfloat16().float()
+    back = q.float() * scale
+    assert ((back - x).abs() <= x.abs() * 2 ** -4 + scale * 2 ** -10).all()
+    assert q[:3].float().abs().amax(1).tolist() == [448.0] * 3 and not q[3].float().any()
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 128, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_is_the_linear_layer_within_float8_rounding(m, bias):
+    """A float8 layer against its bf16 original: one row through the GEMV (weights rounded), more through
+    torch._scaled_mm (activations too); the relative error of the product is float8's (~4 % on random data)."""
+    from services.engine.layers.quant import Fp8Linear   # noqa: PLC0415
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 tensor cores need compute capability 8.9+")
+    torch.manual_seed(m)
+    layer = torch.nn.Linear(2048, 3072, bias=bias, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    want, got = layer(x).float(), Fp8Linear(layer)(x).float()
+    assert got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 0.06

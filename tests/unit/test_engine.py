@@ -200,6 +200,13 @@ def test_kv_cache_dtype_errors_name_the_field(tiny_model_dir, cfg, field):
         LLM(tiny_model_dir, **cfg)
 
 
+def test_fp8_weights_are_refused_where_there_are_no_float8_tensor_cores(tiny_model_dir):
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(tiny_model_dir, quantization="int4")
+    with pytest.raises(ValueError, match="quantization='fp8' needs a CUDA GPU"):
+        LLM(tiny_model_dir, device="cpu", quantization="fp8")
+
+
 def test_priority_runs_first_when_full(tiny_model_dir):
     engine = LLM(tiny_model_dir, max_num_seqs=1, num_kv_blocks=64)
     e = engine.engine

@@ -110,3 +110,27 @@ def test_every_float8_value_of_v_reads_back_exactly(head_dim):
     float8 (in the K/V write) leaves them as they are."""
     inputs, want = every_float8_value(head_dim)
     assert torch.equal(TritonAttention().forward(*inputs, head_dim ** -0.5), want)
+
+
+def test_gemv_over_float8_weights_applies_each_rows_scale():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 300, generator=g).to(torch.float8_e4m3fn)
+    scale = torch.rand(1, 40, generator=g) + 0.5
+    x = torch.randn(1, 300, generator=g)
+    want = F.linear(x, w.float() * scale.t())
+    torch.testing.assert_close(fused.gemv(x, w, scale=scale), want, atol=5e-4, rtol=1e-4)
+
+
+def test_rows_quantize_to_float8_with_their_own_scales():
+    """Each row's largest magnitude maps to 448 and sets its scale; values that float8 holds exactly come back
+    exactly (the interpreter's own float32 -> float8 rounding is not the GPU's, so rounding is tested on the
+    GPU: tests/gpu/test_gpu_fused.py); an all-zero row stays zero."""
+    from services.engine.layers.quant import quantize_rows   # noqa: PLC0415
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(4, 700, generator=g).mul(60).clamp(-440, 440).to(torch.float8_e4m3fn).float()
+    v[:, 9] = 448.0
+    v[3] = 0.0
+    powers = torch.tensor([[2.0 ** -12], [1.0], [2.0 ** 5], [1.0]])
+    q, scale = quantize_rows(v * powers)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (4, 1)
+    assert torch.equal(q.float(), v) and torch.equal(scale[:3], powers[:3])

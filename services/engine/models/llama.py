@@ -21,7 +21,10 @@ except ImportError:   # pragma: no cover - no Triton
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """`layer(x)`; a single row on the GPU goes through the Triton GEMV (batch-1 decode, a sampled row)."""
+    """`layer(x)`; a single row on the GPU goes through the Triton GEMV (batch-1 decode, a sampled row).
+    A float8 layer (layers/quant.py: Fp8Linear) picks its own kernels."""
+    if not isinstance(layer, nn.Linear):
+        return layer(x)
     if fused is not None and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and layer.weight.stride(1) == 1:
         return fused.gemv(x.contiguous(), layer.weight, layer.bias)
     return layer(x)
