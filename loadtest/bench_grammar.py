@@ -304,7 +304,8 @@ def bench_masks(llm, info, batches: list[int], steps: int, profile_dir: str | No
     for b in batches:
         runs: dict[str, list[dict]] = {"unconstrained": [], **{k: [] for k in variants}}
         for r in range(rounds):
-            runs["unconstrained"].append(steady_state(llm, b, free_params, steps, warmup=4))
+            prof = profile_dir and r == 0 and f"{profile_dir}/grammar_masks_b{b}_unconstrained.txt"
+            runs["unconstrained"].append(profiled(lambda: steady_state(llm, b, free_params, steps, warmup=4), prof))
             for name, w in variants.items():
                 eng.mask_worker = w
                 prof = profile_dir and r == 0 and f"{profile_dir}/grammar_masks_b{b}{name.removeprefix('json_schema')}.txt"
