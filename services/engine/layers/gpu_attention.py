@@ -75,8 +75,7 @@ def _paged_attn_kernel(Q, KC, VC, Out, Part_acc, Part_ml, block_tables, seq_lens
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                        D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       PREC: tl.constexpr, V_PAIRS: tl.constexpr,
-                       INTERPRETED: tl.constexpr):
+                       PREC: tl.constexpr, V_PAIRS: tl.constexpr, INTERPRETED: tl.constexpr):
     pdl_enter()
     seq = tl.program_id(0)
     tile = tl.program_id(1)          # query tile (prefill) or KV split (decode, NUM_SPLITS > 1)

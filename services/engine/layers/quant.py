@@ -18,9 +18,8 @@ from torch import nn
 import triton
 import triton.language as tl
 
-from services.engine.layers import fused
 from services.engine.layers.attention import FP8_MAX
-from services.engine.layers.fused import PDL_LAUNCH, TL_FP8_MAX, pdl_enter
+from services.engine.layers.fused import PDL_LAUNCH, TL_FP8_MAX, gemv, pdl_enter
 
 _QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -40,6 +39,8 @@ def _quantize_rows_kernel(X, Q, S, K, stride_x, BLOCK: tl.constexpr):
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (float8 e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale, row by row."""
     m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
     block = triton.next_power_of_2(k)
     if block > 65536:
         raise ValueError(f"quantize_rows takes rows of at most 65536 values, got {k}")
@@ -64,7 +65,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            return fused.gemv(x.contiguous(), self.weight, self.bias, scale=self.weight_scale)
+            return gemv(x.contiguous(), self.weight, self.bias, scale=self.weight_scale)
         q, scale = quantize_rows(x)
         y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         return y + self.bias if self.bias is not None else y
