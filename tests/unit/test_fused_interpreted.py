@@ -134,3 +134,19 @@ def test_rows_quantize_to_float8_with_their_own_scales():
     q, scale = quantize_rows(v * powers)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (4, 1)
     assert torch.equal(q.float(), v) and torch.equal(scale[:3], powers[:3])
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_and_silu_hand_a_float8_layer_what_quantizing_their_output_gives(residual):
+    """add+RMSNorm and SiLU-and-mul with `quant` write float8 rows and scales: exactly their own output
+    quantized row by row (models/llama.py hands them to a float8 layer instead of quantizing again)."""
+    from services.engine.layers.quant import quantize_rows   # noqa: PLC0415
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 96, generator=g), torch.randn(96, generator=g)
+    r = torch.randn(5, 96, generator=g) if residual else None
+    want = quantize_rows(fused.add_rms_norm(x, None if r is None else r.clone(), w, 1e-6))
+    got = fused.add_rms_norm(x, r, w, 1e-6, quant=True)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
+    gate_up = torch.randn(5, 2 * 80, generator=g) * 3
+    want = quantize_rows(fused.silu_and_mul(gate_up))
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(fused.silu_and_mul(gate_up, quant=True), want))

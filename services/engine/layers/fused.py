@@ -60,9 +60,21 @@ def pdl_enter():
         gdc_launch_dependents()
 
 
+TL_FP8_MAX = tl.constexpr(FP8_MAX)
+
+
 @triton.jit
-def _add_rms_norm_kernel(X, R, W, Out, stride_x, stride_r, stride_o, N, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def store_fp8_row(Q_row, S_row, offs, mask, y):
+    """One row of float8 activations (layers/quant.py): y (float32, the whole row) times 448 / its largest
+    magnitude into Q_row[offs], and the scale (amax / 448) into S_row[0]; an all-zero row stays zero."""
+    amax = tl.maximum(tl.max(tl.abs(y), 0), 1e-12)
+    tl.store(Q_row + offs, (y * (TL_FP8_MAX / amax)).to(Q_row.dtype.element_ty), mask=mask)
+    tl.store(S_row, amax / TL_FP8_MAX)
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, R, W, Out, Q, S, stride_x, stride_r, stride_o, N, eps,
+                         HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
     pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -74,22 +86,33 @@ def _add_rms_norm_kernel(X, R, W, Out, stride_x, stride_r, stride_o, N, eps,
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     w = tl.load(W + offs, mask=m, other=0.0)
-    tl.store(Out + row * stride_o + offs, w * (xf * rstd).to(w.dtype), mask=m)
+    y = w * (xf * rstd).to(w.dtype)
+    if QUANT:
+        store_fp8_row(Q + row * N, S + row, offs, m, y.to(tl.float32))
+    else:
+        tl.store(Out + row * stride_o + offs, y, mask=m)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x, residual: [T, N] (residual updated in place to x + residual). Returns the normed rows."""
-    out = torch.empty_like(x)
+def fp8_rows(t: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for t rows of float8 activations and their scales (layers/quant.py)."""
+    return (torch.empty(t, n, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(t, 1, dtype=torch.float32, device=device))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 quant: bool = False):
+    """x, residual: [T, N] (residual updated in place to x + residual). Returns the normed rows, or with
+    `quant` the normed rows as float8 with a scale per row, (q [T, N], scale [T, 1]), for a float8 layer."""
     n = x.shape[-1]
+    out = fp8_rows(x.shape[0], n, x.device) if quant else torch.empty_like(x)
+    q, scale = out if quant else (out, out)
     if x.shape[0]:
         r = residual if residual is not None else x
-        _add_rms_norm_kernel[(x.shape[0],)](x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), n, eps,
-                                            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                            num_warps=4 if n <= 4096 else 8, **PDL_LAUNCH)
+        _add_rms_norm_kernel[(x.shape[0],)](x, r, weight, q, q, scale, x.stride(0), r.stride(0), q.stride(0), n,
+                                            eps, HAS_RESIDUAL=residual is not None, QUANT=quant,
+                                            BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
+                                            **PDL_LAUNCH)
     return out
-
-
-TL_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
@@ -201,9 +224,30 @@ def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
     tl.store(Out + row * stride_o + offs, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty), mask=m)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _silu_mul_fp8_kernel(X, Q, S, stride_x, N, BLOCK: tl.constexpr):
+    """silu(gate) * up of a whole row, rounded to X's dtype as silu_and_mul stores it, then to float8."""
+    pdl_enter()
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + N + offs, mask=m, other=0.0).to(tl.float32)
+    y = (g / (1.0 + tl.exp(-g)) * u).to(X.dtype.element_ty).to(tl.float32)
+    store_fp8_row(Q + row * N, S + row, offs, m, y)
+
+
+def silu_and_mul(gate_up: torch.Tensor, quant: bool = False):
+    """[T, 2I] -> silu(gate) * up, [T, I]; with `quant` as float8 with a scale per row (see add_rms_norm)."""
     t, two_n = gate_up.shape
     n = two_n // 2
+    if quant:
+        q, scale = fp8_rows(t, n, gate_up.device)
+        block = triton.next_power_of_2(n)
+        if t:
+            _silu_mul_fp8_kernel[(t,)](gate_up, q, scale, gate_up.stride(0), n, BLOCK=block,
+                                       num_warps=min(16, max(4, block // 1024)), **PDL_LAUNCH)
+        return q, scale
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = 1024

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from services.engine.layers.attention import FP8_MAX
-from services.engine.layers.fused import PDL_LAUNCH, TL_FP8_MAX, gemv, pdl_enter
+from services.engine.layers.fused import PDL_LAUNCH, fp8_rows, gemv, pdl_enter, store_fp8_row
 
 _QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -31,9 +31,7 @@ def _quantize_rows_kernel(X, Q, S, K, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x = tl.load(X + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-12)                # an all-zero row (graph padding) stays zero
-    tl.store(Q + row * K + offs, (x * (TL_FP8_MAX / amax)).to(Q.dtype.element_ty), mask=offs < K)
-    tl.store(S + row, amax / TL_FP8_MAX)
+    store_fp8_row(Q + row * K, S + row, offs, offs < K, x)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +42,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = triton.next_power_of_2(k)
     if block > 65536:
         raise ValueError(f"quantize_rows takes rows of at most 65536 values, got {k}")
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    q, scale = fp8_rows(m, k, x.device)
     if m:
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block,
                                      num_warps=min(16, max(4, block // 1024)), **PDL_LAUNCH)
@@ -53,7 +50,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer with float8 e4m3 weights [N, K] and a float32 scale per output channel."""
+    """A linear layer with float8 e4m3 weights [N, K] and a float32 scale per output channel. Its input is
+    activations (quantized here) or, from a kernel that quantized them as it wrote them (add+RMSNorm,
+    SiLU-and-mul: models/llama.py), (q [M, K] float8, scale [M, 1])."""
+
+    takes_fp8 = True
 
     def __init__(self, layer: nn.Linear):
         super().__init__()
@@ -62,12 +63,16 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter((w.float() / scale).to(torch.float8_e4m3fn), requires_grad=False)
         self.weight_scale = nn.Parameter(scale.reshape(1, -1).contiguous(), requires_grad=False)   # [1, N]
         self.bias = layer.bias
+        self.out_dtype = w.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, tuple):
+            q, scale = x
+        elif x.shape[0] == 1:
             return gemv(x.contiguous(), self.weight, self.bias, scale=self.weight_scale)
-        q, scale = quantize_rows(x)
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        else:
+            q, scale = quantize_rows(x)
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
         return y + self.bias if self.bias is not None else y
 
 

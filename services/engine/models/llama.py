@@ -30,6 +30,12 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return layer(x)
 
 
+def fp8_input(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernel that makes x should hand `layer` float8 rows instead (layers/quant.py): a float8
+    layer, and more than one row (a single row goes through the GEMV, which reads x as it is)."""
+    return getattr(layer, "takes_fp8", False) and x.shape[0] > 1
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -42,12 +48,13 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream: returns (norm(x + residual), x + residual); residual None means x alone."""
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, quant: bool = False):
+        """The residual stream: returns (norm(x + residual), x + residual); residual None means x alone.
+        `quant` (GPU): the norm comes as float8 rows and their scales, for a float8 layer (layers/quant.py)."""
         if x.is_cuda and fused is not None:
             if residual is None:
-                return fused.add_rms_norm(x, None, self.weight, self.eps), x
-            return fused.add_rms_norm(x, residual, self.weight, self.eps), residual   # residual updated in place
+                return fused.add_rms_norm(x, None, self.weight, self.eps, quant), x
+            return fused.add_rms_norm(x, residual, self.weight, self.eps, quant), residual   # residual in place
         x = x if residual is None else residual + x
         return self(x), x
 
@@ -94,10 +101,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
         gate_up = linear(x, self.gate_up_proj)
-        if x.is_cuda and fused is not None:
-            return linear(fused.silu_and_mul(gate_up), self.down_proj)
+        if gate_up.is_cuda and fused is not None:
+            return linear(fused.silu_and_mul(gate_up, fp8_input(self.down_proj, gate_up)), self.down_proj)
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return linear(F.silu(gate) * up, self.down_proj)
 
@@ -112,9 +119,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, kv_cache, meta, backend):
         """The residual add is deferred into the next norm: returns (this layer's MLP output, residual)."""
-        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.input_layernorm.add_norm(x, residual, fp8_input(self.self_attn.qkv_proj, x))
         h = self.self_attn(h, positions, kv_cache, meta, backend)
-        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, fp8_input(self.mlp.gate_up_proj, h))
         return self.mlp(h), residual
 
 
