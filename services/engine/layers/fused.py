@@ -12,9 +12,12 @@ than in its GEMMs. These Triton kernels do each in one pass, in float32 register
 - `rotary_write_kv_(q, k, v, positions, cos, sin, kv_cache, slots)`: the same RoPE, with rotated k and v
   written straight into the paged KV cache (TritonAttention then skips its own write).
 - `silu_and_mul(gate_up)`: [T, 2I] -> silu(gate) * up, [T, I].
+  Both this and `add_rms_norm` take `quant=True` to write float8 rows and their scales for a float8 layer
+  (layers/quant.py), exactly what quantizing their output would give.
 - `sample_rows(logits, temperature, seed)`: Gumbel-max sampling and the chosen token's logprob in one pass
   (rows of small batches split over several programs, then merged).
-- `gemv(x, weight, bias)`: a one-row linear layer at the memory bandwidth (batch-1 decode).
+- `gemv(x, weight, bias, scale=)`: a one-row linear layer at the memory bandwidth (batch-1 decode), also over
+  float8 weights with a scale per row.
 
 The eager reference is what models/llama.py runs on the CPU; tests/gpu compares the two.
 """
@@ -73,7 +76,7 @@ def store_fp8_row(Q_row, S_row, offs, mask, y):
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, R, W, Out, Q, S, stride_x, stride_r, stride_o, N, eps,
+def _add_rms_norm_kernel(X, R, W, Out, S, stride_x, stride_r, stride_o, N, eps,
                          HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
     pdl_enter()
     row = tl.program_id(0).to(tl.int64)
@@ -87,8 +90,8 @@ def _add_rms_norm_kernel(X, R, W, Out, Q, S, stride_x, stride_r, stride_o, N, ep
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     w = tl.load(W + offs, mask=m, other=0.0)
     y = w * (xf * rstd).to(w.dtype)
-    if QUANT:
-        store_fp8_row(Q + row * N, S + row, offs, m, y.to(tl.float32))
+    if QUANT:   # Out is float8, S its scales
+        store_fp8_row(Out + row * stride_o, S + row, offs, m, y.to(tl.float32))
     else:
         tl.store(Out + row * stride_o + offs, y, mask=m)
 
@@ -105,10 +108,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     `quant` the normed rows as float8 with a scale per row, (q [T, N], scale [T, 1]), for a float8 layer."""
     n = x.shape[-1]
     out = fp8_rows(x.shape[0], n, x.device) if quant else torch.empty_like(x)
-    q, scale = out if quant else (out, out)
+    rows, scales = out if quant else (out, out)   # scales unused without quant
     if x.shape[0]:
         r = residual if residual is not None else x
-        _add_rms_norm_kernel[(x.shape[0],)](x, r, weight, q, q, scale, x.stride(0), r.stride(0), q.stride(0), n,
+        _add_rms_norm_kernel[(x.shape[0],)](x, r, weight, rows, scales, x.stride(0), r.stride(0), rows.stride(0), n,
                                             eps, HAS_RESIDUAL=residual is not None, QUANT=quant,
                                             BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
                                             **PDL_LAUNCH)
