@@ -11,6 +11,7 @@ CPU (`--device cpu`, for `make bench`): the tiny bundled model, our engine vs HF
 
     python -m loadtest.bench_engine --device cuda                 # all three models, ~5 min on an H100
     python -m loadtest.bench_engine --device cuda --models qwen2.5-0.5b --num-seqs 64
+    python -m loadtest.bench_engine --device cuda --kv-cache-dtypes auto,fp8 --quantization none,fp8   # 4 variants
     python -m loadtest.bench_engine --device cpu
 
 Each (model, part) runs in its own process so that the engine's KV cache is gone before HF loads.
