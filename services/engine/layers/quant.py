@@ -2,9 +2,11 @@
 
 At load, the weights of every decoder layer's linear layers (qkv, o, gate_up, down) become float8 e4m3
 with one scale per output channel (its largest magnitude / 448); the embeddings and the lm_head stay in the
-model's dtype. Activations are quantized per token as each layer runs (one Triton kernel), and the product
-is `torch._scaled_mm` (cuBLASLt's float8 GEMM, row-wise scales, out in the model's dtype). A single row
-goes through the Triton GEMV instead, which reads the float8 weights and applies the scale at the end.
+model's dtype. Activations are quantized per token as each layer runs: by the kernel that makes them where
+it can (add+RMSNorm before qkv and gate_up, SiLU-and-mul before down; fused.py), by one of their own before
+o_proj. The product is `torch._scaled_mm` (cuBLASLt's float8 GEMM, row-wise scales, out in the model's dtype).
+A single row goes through the Triton GEMV instead, which reads the float8 weights and applies the scale at
+the end.
 
 Half the weight bytes: the decode steps of a large model read their weights in about half the time, and
 prefill runs at float8 rates. The price is float8 rounding of both operands (~4 % relative error per
