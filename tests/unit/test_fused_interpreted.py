@@ -150,3 +150,18 @@ def test_norm_and_silu_hand_a_float8_layer_what_quantizing_their_output_gives(re
     gate_up = torch.randn(5, 2 * 80, generator=g) * 3
     want = quantize_rows(fused.silu_and_mul(gate_up))
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(fused.silu_and_mul(gate_up, quant=True), want))
+
+
+def test_a_float8_layer_keeps_a_scale_per_output_channel():
+    """Fp8Linear quantizes W row by row (a row is an output channel): values float8 holds come back exactly,
+    each row's scale is its largest magnitude / 448."""
+    from services.engine.layers.quant import Fp8Linear   # noqa: PLC0415
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(40, 96, generator=g).mul(60).clamp(-440, 440).to(torch.float8_e4m3fn).float()
+    v[:, 3] = 448.0
+    powers = torch.tensor([[2.0 ** -10]] * 20 + [[2.0 ** 3]] * 20)
+    layer = torch.nn.Linear(96, 40, bias=False)
+    layer.weight.data = v * powers
+    fp8 = Fp8Linear(layer)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and torch.equal(fp8.weight.float(), v)
+    assert torch.equal(fp8.weight_scale, powers.t()) and fp8.out_dtype == torch.float32

@@ -20,7 +20,6 @@ from torch import nn
 import triton
 import triton.language as tl
 
-from services.engine.layers.attention import FP8_MAX
 from services.engine.layers.fused import PDL_LAUNCH, fp8_rows, gemv, pdl_enter, store_fp8_row
 
 _QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -60,12 +59,11 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, layer: nn.Linear):
         super().__init__()
-        w = layer.weight.detach()
-        scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX    # [N, 1]
-        self.weight = nn.Parameter((w.float() / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        q, scale = quantize_rows(layer.weight.detach())   # a row of W is an output channel
+        self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = nn.Parameter(scale.reshape(1, -1).contiguous(), requires_grad=False)   # [1, N]
         self.bias = layer.bias
-        self.out_dtype = w.dtype
+        self.out_dtype = layer.weight.dtype
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, tuple):
