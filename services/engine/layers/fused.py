@@ -96,6 +96,11 @@ def _add_rms_norm_kernel(X, R, W, Out, S, stride_x, stride_r, stride_o, N, eps,
         tl.store(Out + row * stride_o + offs, y, mask=m)
 
 
+def fp8_row_warps(block: int) -> int:
+    """Warps for a program that quantizes one row of `block` values (store_fp8_row)."""
+    return min(16, max(4, block // 1024))
+
+
 def fp8_rows(t: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Room for t rows of float8 activations and their scales (layers/quant.py)."""
     return (torch.empty(t, n, dtype=torch.float8_e4m3fn, device=device),
@@ -249,7 +254,7 @@ def silu_and_mul(gate_up: torch.Tensor, quant: bool = False):
         block = triton.next_power_of_2(n)
         if t:
             _silu_mul_fp8_kernel[(t,)](gate_up, q, scale, gate_up.stride(0), n, BLOCK=block,
-                                       num_warps=min(16, max(4, block // 1024)), **PDL_LAUNCH)
+                                       num_warps=fp8_row_warps(block), **PDL_LAUNCH)
         return q, scale
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     if t:

@@ -20,7 +20,7 @@ from torch import nn
 import triton
 import triton.language as tl
 
-from services.engine.layers.fused import PDL_LAUNCH, fp8_rows, gemv, pdl_enter, store_fp8_row
+from services.engine.layers.fused import PDL_LAUNCH, fp8_row_warps, fp8_rows, gemv, pdl_enter, store_fp8_row
 
 _QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -46,7 +46,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, scale = fp8_rows(m, k, x.device)
     if m:
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block,
-                                     num_warps=min(16, max(4, block // 1024)), **PDL_LAUNCH)
+                                     num_warps=fp8_row_warps(block), **PDL_LAUNCH)
     return q, scale
 
 
