@@ -85,8 +85,8 @@ def test_triton_over_an_fp8_cache(case):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_every_float8_value_of_v_reads_back_exactly(head_dim):
-    """A float8 V goes to fp16 by moving bits (read as int16 pairs): with one key a sequence, attention returns
-    each V row exactly, every finite value (subnormals, +-448) included."""
+    """A float8 V goes to fp16 a pair at a time (read as int16 pairs, one cvt each): with one key a sequence,
+    attention returns each V row exactly, every finite value (subnormals, +-448) included."""
     inputs, want = every_float8_value(head_dim, torch.bfloat16, "cuda")
     out = TritonAttention().forward(*inputs, head_dim ** -0.5)
     assert torch.equal(out.float(), want.float())
