@@ -106,7 +106,8 @@ def test_fp8_kv_cache_decodes_close_to_bf16(tiny_model_dir):
 def test_fp8_weights_decode_close_to_bf16(tiny_model_dir):
     """quantization="fp8" (float8 weights in every decoder layer, activations per token): first-token
     log-probabilities within 0.5 of bf16's, greedy tokens alike up to the first near-tie; the CUDA graphs
-    replay what the eager path computes, and every KV block comes back."""
+    replay what the eager path computes (up to the order of attention's sums: a graph splits long decode
+    contexts by its longest one, the eager path by the batch's), and every KV block comes back."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 tensor cores need compute capability 8.9+")
     common = dict(tokenizer=tokenizer_dir(tiny_model_dir), device="cuda", max_num_seqs=8, max_model_len=512,
@@ -117,7 +118,7 @@ def test_fp8_weights_decode_close_to_bf16(tiny_model_dir):
     assert fp8.engine.runner.model.lm_head.weight.dtype == torch.bfloat16
     assert compare_bf16(generate(bf16, 8), generate(fp8, 8), 8, require_all=False, tol=0.5) >= len(PROMPTS) // 2
     eager = LLM(tiny_model_dir, quantization="fp8", enforce_eager=True, **common)
-    assert [o.token_ids for o in generate(eager, 12)] == [o.token_ids for o in generate(fp8, 12)]
+    assert compare_bf16(generate(eager, 12), generate(fp8, 12), 12, require_all=False) >= len(PROMPTS)
     check_overlapped_decoding(fp8, PROMPTS, [1, 5, 17, 40], longest=3)
     assert fp8.engine.kv.num_free_blocks == fp8.engine.kv.num_blocks
 
