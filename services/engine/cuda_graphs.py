@@ -11,12 +11,16 @@ a draft model catching up on the tokens the target just accepted). Rows are pack
 the tokens past the step's total are padding. Only the rows that sample get logits: a sequence's
 last committed token and its guesses.
 
-Everything else runs eagerly: prefill and mixed steps, batches above the largest bucket, sequences
-longer than the graphs' block-table width, and the lm_head (only the rows that sample, outside the
-graph, so no [bucket, vocab] buffer per graph).
+One-token steps capture the lm_head too, into one float32 [largest bucket, vocab] buffer that every
+bucket's graph writes its rows of (a step's logits are read by its sampling before the next step's
+replay, in stream order). The speculative graphs leave it out: only some of their rows sample, and
+those go through the lm_head eagerly.
 
-The step's host inputs are packed into two pinned buffers (int64: ids, positions, slots, logit
-rows; int32: query starts, context lengths, block tables) and sent with two asynchronous copies.
+Everything else runs eagerly: prefill and mixed steps, batches above the largest bucket, and sequences
+longer than the graphs' block-table width.
+
+The step's host inputs are packed into one pinned buffer (int64: ids, positions, slots, logit rows;
+then int32: query starts, context lengths, block tables) and sent with one asynchronous copy.
 Needs a backend whose kernels read only device tensors (`TritonAttention`).
 """
 from __future__ import annotations
@@ -46,22 +50,29 @@ class DecodeGraphs:
         self.max_context = min(max_model_len, MAX_GRAPH_CONTEXT)
         self.width = -(-self.max_context // block_size)
         t, m, w = self.max_batch * self.q, self.max_batch, self.width
-        # Device inputs the graphs read; the host fills the pinned mirrors then copies.
-        self.i64 = torch.zeros(4 * t, dtype=torch.long, device=device)
-        self.i32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self.h64 = torch.zeros(4 * t, dtype=torch.long, pin_memory=pin)
-        self.h32 = torch.zeros(2 * m + 1 + m * w, dtype=torch.int32, pin_memory=pin)
+        # Device inputs the graphs read, int64 then int32 in one buffer; the host fills its pinned mirror and
+        # sends it with one copy.
+        self.split = 8 * 4 * t
+        size = self.split + 4 * (2 * m + 1 + m * w)
+        self.dev = torch.zeros(size, dtype=torch.uint8, device=device)
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.i64, self.i32 = self._typed(self.dev)
+        self.h64, self.h32 = self._typed(self.host)
         self.n64, self.n32 = self.h64.numpy(), self.h32.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        self.logits = None       # one-token steps: [max_batch, vocab] float32, written by every bucket's graph
         self.pool = pool         # shared by every graph of a runner: only one step runs at a time
-        self.copied = None       # event after the last host->device copy: the pinned buffers are free again
+        # recorded after each host->device copy: the pinned buffer is free again once it has passed
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
         # Per table row: the block-id list last written there and how much of it (lists are live and
         # only grow while a request runs, so a row usually needs just its new tail, or nothing).
         self.rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.max_batch
 
     # ---- layout of the packed buffers -----------------------------------------------------------
+    def _typed(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return buf[:self.split].view(torch.int64), buf[self.split:].view(torch.int32)
+
     def _v64(self, buf, n: int):
         t = self.max_batch * self.q
         return buf[:n], buf[t:t + n], buf[2 * t:2 * t + n]                # ids, positions, slots (per token)
@@ -88,24 +99,35 @@ class DecodeGraphs:
         self.n32[:] = 0
         self.n32[:m + 1] = np.arange(m + 1) * q
         self.n32[m + 1:2 * m + 1] = q
-        self.i64.copy_(self.h64)
-        self.i32.copy_(self.h32)
+        self.dev.copy_(self.host)
 
     @torch.inference_mode()
     def capture(self) -> None:
         q = self.q
         self._rest()
+        self._logits_buffer()
         for bs in reversed(self.buckets):                      # largest first: smaller ones reuse its pool
             ids, pos, _ = self._v64(self.i64, bs * q)
             meta = self._meta(bs)
-            self.model(ids, pos, self.kv_caches, meta, self.backend)   # warm-up: compiles the kernels
+            self._forward(ids, pos, meta, bs)                  # warm-up: compiles the kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.hidden[bs] = self.model(ids, pos, self.kv_caches, meta, self.backend)
+                self.hidden[bs] = self._forward(ids, pos, meta, bs)
             self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
+
+    def _logits_buffer(self) -> None:
+        if self.q == 1:
+            self.logits = torch.empty(self.max_batch, self.model.lm_head.out_features, dtype=torch.float32,
+                                      device=self.dev.device)
+
+    def _forward(self, ids, pos, meta: AttentionMetadata, bs: int) -> torch.Tensor:
+        hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
+        if self.logits is not None:
+            self.model.compute_logits(hidden, out=self.logits[:bs])
+        return hidden
 
     # ---- replay -----------------------------------------------------------------------------
     def can_run(self, scheduled: list[ScheduledRequest], ahead: bool = False) -> bool:
@@ -139,13 +161,11 @@ class DecodeGraphs:
 
     def _copy_inputs(self, bs: int, input_ids: torch.Tensor | None) -> None:
         """The pinned buffers to the device (and `copied`, the event after which they are free again)."""
-        self.i64.copy_(self.h64, non_blocking=True)
-        end32 = 2 * self.max_batch + 1 + bs * self.width
-        self.i32[:end32].copy_(self.h32[:end32], non_blocking=True)
+        end = self.split + 4 * (2 * self.max_batch + 1 + bs * self.width)   # up to the last table row used
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
         if input_ids is not None:                              # after the host copy, on the same stream
             self.i64[:input_ids.shape[0]].copy_(input_ids)
-        if self.i64.is_cuda:
-            self.copied = torch.cuda.Event()
+        if self.copied is not None:
             self.copied.record()
 
     def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,8 +178,8 @@ class DecodeGraphs:
         if self.q > 1:
             return self._run_multi(scheduled, compute_logits)
         n, bs = self._pack(scheduled, input_ids)
-        hidden = self._launch(bs, input_ids)
-        return compute_logits(hidden[:n]), [[i] for i in range(n)]
+        self._launch(bs, input_ids)
+        return self.logits[:n], [[i] for i in range(n)]
 
     def _pack(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor | None) -> tuple[int, int]:
         """Fills the pinned buffers for a one-token-per-sequence step: (sequences, bucket)."""

@@ -138,7 +138,8 @@ class Sampler:
         self.seed = seed
         self.device_generator: torch.Generator | None = None   # the same role on a GPU (no host noise)
         self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
-        self._mask_limit: tuple = (None, None)                 # ((batch, vocab, rows), per-row mask limits)
+        self._kept: dict[str, tuple] = {}                      # _kept_on_device: name -> (key, device tensor)
+        self._hosts: list = [(None, None)] * 2                 # launch()'s (pinned results, event), used in turn
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None,
                        grammar: bool = True) -> torch.Tensor:
@@ -227,21 +228,38 @@ class Sampler:
         instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed.
         `masks` (matcher.FilledMasks): the grammar's token bitmasks, applied inside that pass. Returns the
         tokens on the device, and float64 [2B]: the tokens, then their logprobs (what the host reads)."""
-        temp = on_device([0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests],
-                         torch.float32, logits.device)
+        temps = tuple(0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests)
+        temp = self._kept_on_device("temperature", temps, lambda: temps, torch.float32, logits.device)
         mask = limit = None
-        if masks is not None:   # the rows' limits repeat from step to step: kept on the device
-            key = (len(requests), masks.vocab_size, tuple(masks.rows))
-            if self._mask_limit[0] != key:
-                rows = set(masks.rows)
-                self._mask_limit = (key, on_device([masks.vocab_size if i in rows else -1
-                                                    for i in range(len(requests))], torch.int32, logits.device))
-            limit = self._mask_limit[1]
+        if masks is not None:
+            rows, n, vocab = set(masks.rows), len(requests), masks.vocab_size
+            limit = self._kept_on_device("mask_limit", (n, vocab, tuple(masks.rows)),
+                                         lambda: [vocab if i in rows else -1 for i in range(n)], torch.int32,
+                                         logits.device)
             mask = masks.bitmask.to(logits.device, non_blocking=True)
         both = torch.empty(2 * len(requests), dtype=torch.float64, device=logits.device)
         tokens, _ = fused.sample_rows(logits, temp, self.step_seeds.getrandbits(31), mask=mask, mask_limit=limit,
                                       out=both)
         return tokens, both
+
+    def _kept_on_device(self, name: str, key, make, dtype: torch.dtype, device) -> torch.Tensor:
+        """A small per-row tensor that repeats from step to step while the same rows decode (temperatures,
+        mask limits): sent to the device again only when `key` changes, `make()` giving its values."""
+        kept = self._kept.get(name)
+        if kept is None or kept[0] != key:
+            kept = self._kept[name] = (key, on_device(list(make()), dtype, device))
+        return kept[1]
+
+    def _host_buffer(self, n: int, cuda: bool):
+        """Where launch()'s results land and the event that marks them there: two pairs in turn, since the
+        engine reads step n's after launching step n+1's sampling and before launching n+2's (a new pinned
+        buffer and event a step cost ~50 us of host time)."""
+        self._hosts.reverse()
+        if self._hosts[0][0] is None or self._hosts[0][0].numel() < n:
+            self._hosts[0] = (torch.empty(max(n, 512), dtype=torch.float64, pin_memory=cuda),
+                              torch.cuda.Event() if cuda else None)
+        buf, event = self._hosts[0]
+        return buf[:n], event
 
     def _fused(self, logits: torch.Tensor, requests: list[Request], params: list) -> SamplerOutput:
         both = self._sample_fused(logits, requests)[1].tolist()
@@ -263,9 +281,8 @@ class Sampler:
             from services.telemetry import metrics  # noqa: PLC0415
             metrics.GRAMMAR_MASK_SECONDS.observe(grammar_masks.fill_s)
         cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
-        host = torch.empty(2 * len(requests), dtype=torch.float64, pin_memory=cuda)
+        host, ready = self._host_buffer(2 * len(requests), cuda)
         host.copy_(both, non_blocking=cuda)
-        ready = torch.cuda.Event() if cuda else None
         if ready is not None:
             ready.record()
         return tokens, host, ready

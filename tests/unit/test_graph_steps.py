@@ -34,13 +34,14 @@ class ReplayByRerun(DecodeGraphs):
 
     def capture(self) -> None:
         self.graphs = dict.fromkeys(self.buckets)
+        self._logits_buffer()
         self.replays = 0
 
     def _launch(self, bs: int, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         self._copy_inputs(bs, input_ids)
         self.replays += 1
         ids, pos, _ = self._v64(self.i64, bs * self.q)
-        return self.model(ids, pos, self.kv_caches, self._meta(bs), self.backend)
+        return self._forward(ids, pos, self._meta(bs), bs)
 
 
 class ChainByRerun(ChainGraphs):

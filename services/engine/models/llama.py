@@ -153,8 +153,10 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, kv, meta, backend)
         return self.model.norm.add_norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits; `out`: written there (a CUDA graph's static buffer)."""
+        logits = linear(hidden, self.lm_head)
+        return logits.float() if out is None else out.copy_(logits)
 
 
 ARCHITECTURES = {
