@@ -221,10 +221,11 @@ class LLMEngine:
     def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = []
         for group in touched.values():
-            if group.output_kind == "final_only" and not group.finished:
+            finished = group.finished
+            if group.output_kind == "final_only" and not finished:
                 continue
-            outputs.append(self._make_output(group))
-            if group.finished:
+            outputs.append(self._make_output(group, finished))
+            if finished:
                 del self.groups[group.request_id]
                 for c in group.children:
                     self.child_to_group.pop(c, None)
@@ -390,7 +391,7 @@ class LLMEngine:
             req.metrics.finished_time = now
             self.scheduler.finish(req, status)
 
-    def _make_output(self, group: RequestGroup) -> RequestOutput:
+    def _make_output(self, group: RequestGroup, group_finished: bool | None = None) -> RequestOutput:
         """Deltas since the previous output; cumulative fields too unless the request streams deltas
         only ("delta": servers), which spares copying whole outputs every step."""
         outs = []
@@ -398,7 +399,7 @@ class LLMEngine:
             finished = c.is_finished
             cumulative = finished or group.output_kind != "delta"
             n_tok, n_lp = group.last_token_count[c.index], group.last_logprob_count[c.index]
-            group.last_token_count[c.index] = c.num_output_tokens
+            group.last_token_count[c.index] = len(c.token_ids) - len(c.prompt_token_ids)
             delta_lp = None
             if c.logprobs is not None:
                 delta_lp = c.logprobs[n_lp:]
@@ -410,11 +411,12 @@ class LLMEngine:
                 cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
                 logprobs=list(c.logprobs) if c.logprobs is not None and cumulative else None,
                 finish_reason=c.status.value if finished else None, stop_reason=c.stop_reason,
-                delta_text=delta_text, delta_token_ids=c.token_ids[c.num_prompt_tokens + n_tok:],
+                delta_text=delta_text, delta_token_ids=c.token_ids[len(c.prompt_token_ids) + n_tok:],
                 delta_logprobs=delta_lp))
         first = group.children[0]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs,
-                             finished=group.finished, metrics=first.metrics)
+                             finished=group.finished if group_finished is None else group_finished,
+                             metrics=first.metrics)
 
     # ---- stats -------------------------------------------------------------------------------
     @property
