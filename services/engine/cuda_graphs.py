@@ -14,7 +14,8 @@ last committed token and its guesses.
 One-token steps capture the lm_head too, into one float32 [largest bucket, vocab] buffer that every
 bucket's graph writes its rows of (a step's logits are read by its sampling before the next step's
 replay, in stream order). The speculative graphs leave it out: only some of their rows sample, and
-those go through the lm_head eagerly.
+those go through the lm_head eagerly. `SampleGraphs` captures the fused sampler over that buffer, per
+bucket, with and without a grammar bitmask, so that an overlapped step is two replays.
 
 Everything else runs eagerly: prefill and mixed steps, batches above the largest bucket, and sequences
 longer than the graphs' block-table width.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from services.engine.layers import fused
 from services.engine.layers.attention import AttentionMetadata
 from services.engine.scheduler import ScheduledRequest
 
@@ -315,3 +317,82 @@ class ChainGraphs(DecodeGraphs):
         self._copy_inputs(bs, input_ids)
         self.chains[bs, passes].replay()
         return self.tokens[bs, passes]
+
+
+class SampleGraphs:
+    """The fused sampler (layers/fused.sample_rows) of one-token steps, captured per batch bucket with and
+    without a grammar bitmask, over the decode graphs' logits buffer. A step's sampling is then one copy of
+    its seed and temperatures and one replay, where launching the kernels and allocating their outputs
+    cost the host ~150-200 us a step (1B, batch 32, a step the host is the slower side of). A bucket's rows
+    past the step's count sample whatever their logits hold and are not read. The results are laid out per
+    bucket: tokens in [0, bs), logprobs in [bs, 2 bs)."""
+
+    def __init__(self, graphs: DecodeGraphs):
+        self.graphs = graphs
+        m, vocab = graphs.logits.shape
+        device = graphs.logits.device
+        self.max_batch, self.words = m, -(-vocab // 32)
+        # The seed (int64), then each row's temperature (float32): written on the host, one copy a step. Two
+        # pinned buffers in turn: the next step's is written while this one's copy may still be queued.
+        self.inputs = torch.zeros(8 + 4 * m, dtype=torch.uint8, device=device)
+        self.staged = [torch.zeros(8 + 4 * m, dtype=torch.uint8, pin_memory=device.type == "cuda") for _ in (0, 1)]
+        self.mask = torch.zeros(m, self.words, dtype=torch.int32, device=device)
+        self.limit = torch.full((m,), -1, dtype=torch.int32, device=device)
+        self.both = torch.zeros(2 * m, dtype=torch.float64, device=device)
+        self.tokens: dict[tuple[int, bool], torch.Tensor] = {}
+        self.replays: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool = None   # their own: a step's tokens (a graph's output) are read by the next forward graph
+        self._limit_key = None
+
+    def _run(self, bs: int, masked: bool) -> torch.Tensor:
+        g, seed, temp = self.graphs, self.inputs[:8].view(torch.int64), self.inputs[8:].view(torch.float32)
+        mask = dict(mask=self.mask[:bs], mask_limit=self.limit[:bs]) if masked else {}
+        return fused.sample_rows(g.logits[:bs], temp[:bs], seed, out=self.both[:2 * bs], **mask)[0]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        g = self.graphs
+        g.logits.zero_()
+        for bs in reversed(g.buckets):
+            for masked in (False, True):
+                self._run(bs, masked)                          # warm-up: compiles the kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.tokens[bs, masked] = self._run(bs, masked)
+                self.pool = graph.pool()
+                self.replays[bs, masked] = graph
+        torch.cuda.synchronize()
+
+    def takes(self, logits: torch.Tensor) -> bool:
+        """Whether `logits` are the first rows of the decode graphs' logits (the step they just ran)."""
+        return logits.data_ptr() == self.graphs.logits.data_ptr() and logits.shape[0] <= self.max_batch
+
+    def sample(self, temps: tuple, seed: int, masks=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Launches the sampling of the step whose logits the decode graphs hold, one row per temperature
+        (0: greedy); `masks` (matcher.FilledMasks): the grammar's bitmasks. Returns the tokens [n] on the
+        device, the bucket's results [2 bs] (tokens, then logprobs) and where the logprobs start (bs)."""
+        n = len(temps)
+        bs = next(b for b in self.graphs.buckets if b >= n)
+        self.staged.reverse()
+        staged = self.staged[0].numpy()
+        staged[:8].view(np.int64)[0] = seed
+        staged[8:8 + 4 * n].view(np.float32)[:] = temps
+        self.inputs.copy_(self.staged[0], non_blocking=True)
+        masked = masks is not None
+        if masked:
+            rows, bitmask = masks.rows, masks.bitmask
+            w = min(bitmask.shape[1], self.words)
+            self.mask[:bitmask.shape[0], :w].copy_(bitmask[:, :w], non_blocking=True)
+            key = (n, masks.vocab_size, tuple(rows))
+            if key != self._limit_key:   # the same rows step after step: sent again only when they change
+                on = set(rows)
+                limits = torch.tensor([masks.vocab_size if i in on else -1 for i in range(n)], dtype=torch.int32,
+                                      pin_memory=self.inputs.is_cuda)
+                self.limit[:n].copy_(limits, non_blocking=True)
+                self._limit_key = key
+        self._launch(bs, masked)
+        return self.tokens[bs, masked][:n], self.both[:2 * bs], bs
+
+    def _launch(self, bs: int, masked: bool) -> None:
+        self.replays[bs, masked].replay()

@@ -53,6 +53,7 @@ class InFlight:
     host: object
     ready: object
     constrained: bool   # [grammar] some row has a matcher
+    lp_at: int          # where in `host` the logprobs start (the graphs' bucket size, or the row count)
 
 
 class LLMEngine:
@@ -68,6 +69,10 @@ class LLMEngine:
         self.kv = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.sampler = Sampler(self.vocab_size, config.seed)
+        if self.runner.graphs is not None and self.runner.graphs.logits is not None:   # one-token steps' sampling
+            from services.engine.cuda_graphs import SampleGraphs  # noqa: PLC0415
+            self.sampler.graphs = SampleGraphs(self.runner.graphs)
+            self.sampler.graphs.capture()
         # [kv-tier] the shared KV tier (services.prefix_cache.tier.KVTier): fetches missing prefix
         # blocks off this thread while it holds the request, publishes newly full blocks after each pass.
         self.kv_tier = kv_tier if config.enable_prefix_caching else None
@@ -258,9 +263,9 @@ class LLMEngine:
 
     def _launch_sampling(self, logits, scheduled: list, masks=None) -> InFlight:
         requests = [s.request for s in scheduled]
-        tokens, host, ready = self.sampler.launch(logits, requests, masks)
+        tokens, host, ready, lp_at = self.sampler.launch(logits, requests, masks)
         return InFlight(scheduled, tokens, host, ready,
-                        masks is not None or any(r.matcher is not None for r in requests))
+                        masks is not None or any(r.matcher is not None for r in requests), lp_at)
 
     def _step_ahead(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
@@ -286,14 +291,14 @@ class LLMEngine:
                 prev.ready.synchronize()
             values = prev.host.tolist()
             in_worker = late and self._submit_masks(prev, values=values) is not None
-        n, now = len(prev.scheduled), time.time()
+        n, lp_at, now = len(prev.scheduled), prev.lp_at, time.time()
         touched: dict[str, RequestGroup] = {}
         for i, s in enumerate(prev.scheduled):
             req = s.request
             group = self.child_to_group.get(req)
             if req.is_finished or group is None:   # finished or aborted while this step ran
                 continue
-            self._append(req, group, int(values[i]), values[n + i], None, now)
+            self._append(req, group, int(values[i]), values[lp_at + i], None, now)
             touched[group.request_id] = group
         if not in_worker:
             if late:   # [grammar] the matchers take step n's tokens, fill the masks for n+1, then its sampling

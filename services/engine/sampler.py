@@ -115,6 +115,11 @@ def plain_sampling(r: Request) -> bool:
         and sp.min_p <= 0.0 and sp.typical_p >= 1.0
 
 
+def _temperatures(requests: list[Request]) -> tuple[float, ...]:
+    """The fused sampler's per-row temperatures: 0 for greedy rows."""
+    return tuple(0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests)
+
+
 def on_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small per-step tensor on the device. To a GPU through pinned memory, asynchronously: a plain
     host->device copy would make the host wait for the forward pass still running."""
@@ -140,6 +145,7 @@ class Sampler:
         self.step_seeds = random.Random(seed)                  # noise seeds for the fused GPU sampler
         self._kept: dict[str, tuple] = {}                      # _kept_on_device: name -> (key, device tensor)
         self._hosts: list = [(None, None)] * 2                 # launch()'s (pinned results, event), used in turn
+        self.graphs = None   # cuda_graphs.SampleGraphs: launch() replays them for the decode graphs' steps
 
     def process_logits(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None,
                        grammar: bool = True) -> torch.Tensor:
@@ -228,7 +234,7 @@ class Sampler:
         instead of ~10 full passes over [B, V]; its noise comes from a per-step seed of the engine's seed.
         `masks` (matcher.FilledMasks): the grammar's token bitmasks, applied inside that pass. Returns the
         tokens on the device, and float64 [2B]: the tokens, then their logprobs (what the host reads)."""
-        temps = tuple(0.0 if r.sampling_params.is_greedy else r.sampling_params.temperature for r in requests)
+        temps = _temperatures(requests)
         temp = self._kept_on_device("temperature", temps, lambda: temps, torch.float32, logits.device)
         mask = limit = None
         if masks is not None:
@@ -269,23 +275,28 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, requests: list[Request], grammar_masks=None):
         """The fused GPU path without waiting: returns (tokens on the device, a pinned host buffer that
-        receives tokens then logprobs, an event set once it has, or None on the CPU). For
-        `plain_sampling` rows only, none of them with a min_tokens ban pending (a grammar's masks are
-        applied inside the sampling kernel, where nothing else could leave a row empty)."""
+        receives tokens then logprobs, an event set once it has, or None on the CPU, and where in that
+        buffer the logprobs start). For `plain_sampling` rows only, none of them with a min_tokens ban
+        pending (a grammar's masks are applied inside the sampling kernel, where nothing else could leave a
+        row empty). Logits that a decode graph just wrote are sampled by a replay of `graphs`."""
         if grammar_masks is None and any(r.matcher is not None for r in requests):
             from services.grammar.matcher import fill_grammar_bitmask  # noqa: PLC0415
             grammar_masks = fill_grammar_bitmask(requests)
-        tokens, both = self._sample_fused(self.process_logits(logits.float(), requests, grammar=False), requests,
-                                          grammar_masks)
+        logits = self.process_logits(logits.float(), requests, grammar=False)
+        if self.graphs is not None and self.graphs.takes(logits):
+            tokens, both, lp_at = self.graphs.sample(_temperatures(requests), self.step_seeds.getrandbits(31),
+                                                     grammar_masks)
+        else:
+            (tokens, both), lp_at = self._sample_fused(logits, requests, grammar_masks), len(requests)
         if grammar_masks is not None:
             from services.telemetry import metrics  # noqa: PLC0415
             metrics.GRAMMAR_MASK_SECONDS.observe(grammar_masks.fill_s)
         cuda = logits.is_cuda   # (the CPU runs this only in tests, with Triton's interpreter)
-        host, ready = self._host_buffer(2 * len(requests), cuda)
+        host, ready = self._host_buffer(len(both), cuda)
         host.copy_(both, non_blocking=cuda)
         if ready is not None:
             ready.record()
-        return tokens, host, ready
+        return tokens, host, ready, lp_at
 
     def _noise(self, shape, requests: list[Request], device) -> torch.Tensor:
         if device.type == "cuda":   # unseeded rows draw on the GPU: no [B, V] noise made on the host

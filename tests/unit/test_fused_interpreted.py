@@ -32,6 +32,17 @@ def test_split_rows_draw_what_one_program_a_row_draws(splits):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
+def test_a_seed_read_from_device_memory_draws_what_the_same_seed_as_an_argument_draws(splits):
+    """The sampling CUDA graphs (cuda_graphs.SampleGraphs) hand the kernel its seed in a tensor."""
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1)) * 3
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.5])
+    tokens, lps = fused.sample_rows(logits, temp, seed=12345, splits=splits)
+    from_memory, memory_lps = fused.sample_rows(logits, temp, seed=torch.tensor([12345]), splits=splits)
+    assert torch.equal(from_memory, tokens) and torch.equal(memory_lps, lps)
+    assert not torch.equal(fused.sample_rows(logits, temp, seed=torch.tensor([54321]), splits=splits)[0], tokens)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
 def test_a_token_bitmask_in_the_kernel_is_the_bitmask_applied_first(splits):
     """Rows with a limit keep the tokens below it whose bit is set (bit 31 included); a row whose limit
     is -1 is untouched: tokens and logprobs as if the masked logits had been -inf."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.draft import build_proposer
-from services.engine.cuda_graphs import ChainGraphs, DecodeGraphs
+from services.engine.cuda_graphs import ChainGraphs, DecodeGraphs, SampleGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
@@ -44,6 +44,17 @@ class ReplayByRerun(DecodeGraphs):
         return self._forward(ids, pos, self._meta(bs), bs)
 
 
+class SampleByRerun(SampleGraphs):
+    """Sampling graphs whose replay runs the fused sampler again on their static buffers."""
+
+    def capture(self) -> None:
+        self.calls = 0
+
+    def _launch(self, bs: int, masked: bool) -> None:
+        self.tokens[bs, masked] = self._run(bs, masked)
+        self.calls += 1
+
+
 class ChainByRerun(ChainGraphs):
     """Chain graphs whose replay runs the chained passes again on the static buffers."""
 
@@ -62,6 +73,8 @@ def with_graphs(llm: LLM, spec_query_len: int | None) -> LLM:
     args = (r.model, r.kv_caches, r.backend, r.block_size, 4, 256, r.device)
     r.graphs = ReplayByRerun(*args)
     r.graphs.capture()
+    llm.engine.sampler.graphs = SampleByRerun(r.graphs)
+    llm.engine.sampler.graphs.capture()
     if spec_query_len:
         r.spec_graphs = ReplayByRerun(*args, tokens_per_seq=spec_query_len)
         r.spec_graphs.capture()
@@ -91,6 +104,27 @@ def test_overlapped_decoding_matches_step_by_step(tiny_model_dir, kv_cache_dtype
     over a float8 KV cache (the interpreter rounds to float8 its own way, so only against itself)."""
     llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", kv_cache_dtype=kv_cache_dtype, **COMMON), None)
     check_overlapped_decoding(llm, PROMPTS, [24, 19, 14], longest=0)
+
+
+def test_sampling_graphs_draw_what_the_sampler_draws(tiny_model_dir):
+    """Overlapped steps sampled at temperature 1 by the sampling graphs' buffers (a bucket of 4 for 3 rows:
+    the logprobs start at 4) and by the sampler's own launches: the same tokens and log-probabilities."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+
+    def run(graphs: bool):
+        llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
+        engine, appended = llm.engine, []
+        if not graphs:
+            engine.sampler.graphs = None
+        append = engine._append
+        engine._append = lambda req, group, token, lp, *a: appended.append((req.request_id, token, round(lp, 4))) \
+            or append(req, group, token, lp, *a)
+        llm.generate(PROMPTS, params)
+        return llm, sorted(appended)
+
+    llm, replayed = run(graphs=True)
+    assert llm.engine.sampler.graphs.calls > 10 and len(replayed) == 12 * len(PROMPTS)
+    assert replayed == run(graphs=False)[1]
 
 
 def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):

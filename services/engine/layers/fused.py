@@ -266,13 +266,16 @@ def silu_and_mul(gate_up: torch.Tensor, quant: bool = False):
 
 @triton.jit(do_not_specialize=["seed", "SPLITS"])   # one compiled kernel for every step's seed and batch size
 def _sample_kernel(Logits, stride, Temp, OutTok, OutLp, Out, Part, V, chunk, seed, SPLITS, Mask, MaskLimit,
-                   mask_stride, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+                   mask_stride, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, SEED_PTR: tl.constexpr):
     """One row's chunk of the vocabulary: Gumbel-max sampling at the row's temperature (0: argmax), and
     the chosen token's log-probability under the untempered row (logit - logsumexp), in one pass. With
     one chunk a row (SPLITS == 1) it writes the results; otherwise its partial (max, sum of exp, best
     score, best index) for `_sample_merge_kernel`. HAS_MASK: a row with MaskLimit >= 0 keeps only the
-    tokens below it whose bit is set in its row of Mask (int32 words, a grammar's token bitmask)."""
+    tokens below it whose bit is set in its row of Mask (int32 words, a grammar's token bitmask). SEED_PTR:
+    `seed` points at the seed in device memory (a CUDA graph's input)."""
     pdl_enter()
+    if SEED_PTR:
+        seed = tl.load(seed).to(tl.int32)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * chunk
@@ -351,13 +354,14 @@ SAMPLE_PROGRAMS = 256   # rows x chunks to aim for: a few small batches' rows wo
 MAX_SPLITS = 128        # chunks a row at most (one merge kernel for every batch size: no compile per shape)
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int, splits: int | None = None,
-                mask: torch.Tensor | None = None, mask_limit: torch.Tensor | None = None,
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int | torch.Tensor,
+                splits: int | None = None, mask: torch.Tensor | None = None, mask_limit: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32, temperature [B] (0 = greedy). Returns (tokens [B] int64, logprobs [B]):
-    the same distribution as softmax(logits / t) sampling; `seed` (31 bits) picks the noise. Small
-    batches split each row's vocabulary over several programs (`splits`, default: enough for about
-    SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their partials in a second kernel.
+    the same distribution as softmax(logits / t) sampling; `seed` (31 bits, or an int64 [1] device tensor
+    holding it) picks the noise. Small batches split each row's vocabulary over several programs (`splits`,
+    default: enough for about SAMPLE_PROGRAMS in all; the tokens do not depend on it) and merge their
+    partials in a second kernel.
     `mask` int32 [B, W] (token bitmasks) with `mask_limit` int32 [B]: row i samples only the tokens
     below mask_limit[i] whose bit is set in mask[i], as if the others' logits were -inf; a row whose
     limit is -1 is not masked. `out` float64 [2B] also receives the tokens, then the logprobs: the host's
@@ -377,8 +381,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int, spli
     has_mask = mask is not None
     _sample_kernel[(b, n)](logits, logits.stride(0), temperature, tokens, lps, out, part, v, chunk, seed, n,
                            mask if has_mask else tokens, mask_limit if has_mask else tokens,
-                           mask.stride(0) if has_mask else 0, BLOCK=SAMPLE_BLOCK, HAS_MASK=has_mask, num_warps=8,
-                           **PDL_LAUNCH)
+                           mask.stride(0) if has_mask else 0, BLOCK=SAMPLE_BLOCK, HAS_MASK=has_mask,
+                           SEED_PTR=isinstance(seed, torch.Tensor), num_warps=8, **PDL_LAUNCH)
     if n > 1:
         _sample_merge_kernel[(b,)](logits, logits.stride(0), tokens, lps, out, part, n,
                                    BLOCK_S=MAX_SPLITS, num_warps=1, **PDL_LAUNCH)
