@@ -381,14 +381,12 @@ class SampleGraphs:
         self.inputs.copy_(self.staged[0], non_blocking=True)
         masked = masks is not None
         if masked:
-            rows, bitmask = masks.rows, masks.bitmask
+            bitmask = masks.bitmask
             w = min(bitmask.shape[1], self.words)
             self.mask[:bitmask.shape[0], :w].copy_(bitmask[:, :w], non_blocking=True)
-            key = (n, masks.vocab_size, tuple(rows))
+            key = masks.limit_key(n)
             if key != self._limit_key:   # the same rows step after step: sent again only when they change
-                on = set(rows)
-                limits = torch.tensor([masks.vocab_size if i in on else -1 for i in range(n)], dtype=torch.int32,
-                                      pin_memory=self.inputs.is_cuda)
+                limits = torch.tensor(masks.limits(n), dtype=torch.int32, pin_memory=self.inputs.is_cuda)
                 self.limit[:n].copy_(limits, non_blocking=True)
                 self._limit_key = key
         self._launch(bs, masked)

@@ -238,9 +238,8 @@ class Sampler:
         temp = self._kept_on_device("temperature", temps, lambda: temps, torch.float32, logits.device)
         mask = limit = None
         if masks is not None:
-            rows, n, vocab = set(masks.rows), len(requests), masks.vocab_size
-            limit = self._kept_on_device("mask_limit", (n, vocab, tuple(masks.rows)),
-                                         lambda: [vocab if i in rows else -1 for i in range(n)], torch.int32,
+            n = len(requests)
+            limit = self._kept_on_device("mask_limit", masks.limit_key(n), lambda: masks.limits(n), torch.int32,
                                          logits.device)
             mask = masks.bitmask.to(logits.device, non_blocking=True)
         both = torch.empty(2 * len(requests), dtype=torch.float64, device=logits.device)
@@ -259,7 +258,7 @@ class Sampler:
     def _host_buffer(self, n: int, cuda: bool):
         """Where launch()'s results land and the event that marks them there: two pairs in turn, since the
         engine reads step n's after launching step n+1's sampling and before launching n+2's (a new pinned
-        buffer and event a step cost ~50 us of host time)."""
+        buffer and event each step cost host time right after a graph replay: NOTES)."""
         self._hosts.reverse()
         if self._hosts[0][0] is None or self._hosts[0][0].numel() < n:
             self._hosts[0] = (torch.empty(max(n, 512), dtype=torch.float64, pin_memory=cuda),

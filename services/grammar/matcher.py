@@ -194,6 +194,16 @@ class FilledMasks:
     vocab_size: int            # the mask's real width (tokenizer info vocab size)
     fill_s: float              # CPU time spent filling
 
+    def limit_key(self, n: int) -> tuple:
+        """What `limits(n)` depends on: the same from step to step while the same rows decode."""
+        return n, self.vocab_size, tuple(self.rows)
+
+    def limits(self, n: int) -> list[int]:
+        """The sampling kernel's per-row mask limit for a batch of n rows: the mask's width where a row is
+        constrained, -1 (not masked) elsewhere."""
+        on = set(self.rows)
+        return [self.vocab_size if i in on else -1 for i in range(n)]
+
 
 def fill_grammar_bitmask(requests: list[Any]) -> FilledMasks | None:
     """CPU half of a step's masking: fill the rows of requests that have a matcher (None when no
