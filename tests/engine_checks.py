@@ -74,6 +74,35 @@ def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: i
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def check_sampling_graphs(make_llm, prompts: list, max_tokens: int) -> None:
+    """Overlapped steps at temperature 1, sampled by replays of the sampling graphs (cuda_graphs.SampleGraphs;
+    3 rows in a bucket of 4 put the logprobs at 4) and by the sampler's own launches: the same tokens,
+    log-probabilities within float32 rounding (the split of a row's vocabulary follows the batch size), every
+    KV block back. `make_llm()`: a new engine with sampling graphs (or their stand-in)."""
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
+
+    def run(graphs: bool) -> list:
+        llm = make_llm()
+        engine, appended, replays = llm.engine, [], []
+        if graphs:
+            sample = engine.sampler.graphs.sample
+            engine.sampler.graphs.sample = lambda *a: replays.append(1) or sample(*a)
+        else:
+            engine.sampler.graphs = None
+        append = engine._append
+        engine._append = lambda req, group, token, lp, *a: appended.append((req.request_id, token, lp)) \
+            or append(req, group, token, lp, *a)
+        llm.generate(prompts, params)
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+        assert len(replays) >= max_tokens // 2 if graphs else not replays
+        return sorted(appended)
+
+    replayed, launched = run(graphs=True), run(graphs=False)
+    assert len(replayed) == max_tokens * len(prompts)
+    assert [r[:2] for r in replayed] == [r[:2] for r in launched]
+    assert max(abs(a[2] - b[2]) for a, b in zip(replayed, launched)) < 1e-4
+
+
 def grammar_runner(llm, prompts: list):
     """run(logprobs) -> [(text, finish_reason)] of prompts[:3] decoded greedily as a JSON Schema row,
     an unconstrained row and a choice row."""

@@ -19,7 +19,7 @@ from loadtest.bench_engine import ensure_tokenizer
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
-                                 grammar_runner)
+                                 check_sampling_graphs, grammar_runner)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -124,27 +124,8 @@ def test_fp8_weights_decode_close_to_bf16(tiny_model_dir):
 
 
 def test_sampling_graphs_draw_what_the_sampler_draws(tiny_model_dir):
-    """Overlapped steps at temperature 1, sampled by replays of the sampling graphs (3 rows in a bucket of
-    4: the logprobs start at 4) and by the sampler's own launches: the same tokens, log-probabilities
-    within float32 rounding (the split of a row's vocabulary follows the batch size)."""
-    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
-
-    def run(graphs: bool):
-        llm = LLM(tiny_model_dir, device="cuda", max_num_seqs=8, max_model_len=512, num_kv_blocks=256, seed=0)
-        engine, appended = llm.engine, []
-        assert engine.sampler.graphs is not None and engine.sampler.graphs.replays
-        if not graphs:
-            engine.sampler.graphs = None
-        append = engine._append
-        engine._append = lambda req, group, token, lp, *a: appended.append((req.request_id, token, lp)) \
-            or append(req, group, token, lp, *a)
-        llm.generate(PROMPTS[:3], params)
-        assert engine.kv.num_free_blocks == engine.kv.num_blocks
-        return sorted(appended)
-
-    replayed, launched = run(graphs=True), run(graphs=False)
-    assert [r[:2] for r in replayed] == [r[:2] for r in launched] and len(replayed) == 3 * 24
-    assert max(abs(a[2] - b[2]) for a, b in zip(replayed, launched)) < 1e-4
+    check_sampling_graphs(lambda: LLM(tiny_model_dir, device="cuda", max_num_seqs=8, max_model_len=512,
+                                      num_kv_blocks=256, seed=0), PROMPTS[:3], max_tokens=24)
 
 
 def test_overlapped_decoding_matches_step_by_step():

@@ -18,7 +18,7 @@ from services.engine.cuda_graphs import ChainGraphs, DecodeGraphs, SampleGraphs
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from tests.engine_checks import (check_overlapped_decoding, check_overlapped_grammar, check_overlapped_tier_export,
-                                 eager_spec_steps)
+                                 check_sampling_graphs, eager_spec_steps)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the GPU tests cover this with real graphs")
@@ -107,24 +107,8 @@ def test_overlapped_decoding_matches_step_by_step(tiny_model_dir, kv_cache_dtype
 
 
 def test_sampling_graphs_draw_what_the_sampler_draws(tiny_model_dir):
-    """Overlapped steps sampled at temperature 1 by the sampling graphs' buffers (a bucket of 4 for 3 rows:
-    the logprobs start at 4) and by the sampler's own launches: the same tokens and log-probabilities."""
-    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
-
-    def run(graphs: bool):
-        llm = with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None)
-        engine, appended = llm.engine, []
-        if not graphs:
-            engine.sampler.graphs = None
-        append = engine._append
-        engine._append = lambda req, group, token, lp, *a: appended.append((req.request_id, token, round(lp, 4))) \
-            or append(req, group, token, lp, *a)
-        llm.generate(PROMPTS, params)
-        return llm, sorted(appended)
-
-    llm, replayed = run(graphs=True)
-    assert llm.engine.sampler.graphs.calls > 10 and len(replayed) == 12 * len(PROMPTS)
-    assert replayed == run(graphs=False)[1]
+    check_sampling_graphs(lambda: with_graphs(LLM(tiny_model_dir, attention_backend="triton", **COMMON), None),
+                          PROMPTS, max_tokens=12)
 
 
 def test_overlapped_decoding_with_grammar_rows(tiny_model_dir):
