@@ -1,4 +1,5 @@
-"""Checks shared by the CPU tests of the graph steps (tests/unit/test_graph_steps.py) and the GPU tests."""
+"""Checks shared by the CPU tests (the graph steps: tests/unit/test_graph_steps.py; the kernels in Triton's
+interpreter: tests/unit/test_fused_interpreted.py) and the GPU tests."""
 from __future__ import annotations
 
 import time
@@ -72,6 +73,21 @@ def check_overlapped_decoding(llm, prompts: list, lengths: list[int], longest: i
     engine.kv.check_invariants()
     assert engine._inflight is None or all(s.request.is_finished for s in engine._inflight.scheduled)
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def check_norm_and_silu_quantize_their_output(x, residual, weight, eps: float, gate_up) -> None:
+    """With `quant`, add+RMSNorm and SiLU-and-mul (layers/fused.py) write float8 rows and scales that are exactly
+    their own output quantized row by row (models/llama.py hands them to a float8 layer instead of quantizing
+    again). `residual` (or None) is updated in place, as the norm does."""
+    from services.engine.layers import fused  # noqa: PLC0415
+    from services.engine.layers.quant import quantize_rows  # noqa: PLC0415
+
+    def same(got, want) -> bool:
+        return all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
+
+    want = quantize_rows(fused.add_rms_norm(x, None if residual is None else residual.clone(), weight, eps))
+    assert same(fused.add_rms_norm(x, residual, weight, eps, quant=True), want)
+    assert same(fused.silu_and_mul(gate_up, quant=True), quantize_rows(fused.silu_and_mul(gate_up)))
 
 
 def check_sampling_graphs(make_llm, prompts: list, max_tokens: int) -> None:

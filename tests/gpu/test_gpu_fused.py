@@ -10,6 +10,7 @@ pytestmark = [pytest.mark.gpu,
 
 from services.engine.layers import fused  # noqa: E402
 from services.engine.layers.rotary import _apply  # noqa: E402
+from tests.engine_checks import check_norm_and_silu_quantize_their_output  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -201,13 +202,8 @@ def test_fp8_linear_is_the_linear_layer_within_float8_rounding(m, bias):
 @pytest.mark.parametrize("t", [3, 130])
 def test_norm_and_silu_quantize_what_they_write(t):
     """With `quant`, add+RMSNorm and SiLU-and-mul write exactly their bf16 output quantized row by row."""
-    from services.engine.layers.quant import quantize_rows   # noqa: PLC0415
     g = torch.Generator("cuda").manual_seed(t)
     x, r = (torch.randn(t, 4096, device="cuda", generator=g).bfloat16() for _ in range(2))
     w = torch.randn(4096, device="cuda", generator=g).bfloat16()
-    want = quantize_rows(fused.add_rms_norm(x, r.clone(), w, 1e-5))
-    got = fused.add_rms_norm(x, r, w, 1e-5, quant=True)
-    assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
     gate_up = (torch.randn(t, 2 * 14336, device="cuda", generator=g) * 3).bfloat16()
-    want = quantize_rows(fused.silu_and_mul(gate_up))
-    assert all(torch.equal(a.float(), b.float()) for a, b in zip(fused.silu_and_mul(gate_up, quant=True), want))
+    check_norm_and_silu_quantize_their_output(x, r, w, 1e-5, gate_up)

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRI
 
 from services.engine.layers import fused  # noqa: E402
 from services.engine.layers.gpu_attention import TritonAttention  # noqa: E402
+from tests.engine_checks import check_norm_and_silu_quantize_their_output  # noqa: E402
 from tests.gpu.paged_inputs import every_float8_value  # noqa: E402
 
 
@@ -151,16 +152,11 @@ def test_rows_quantize_to_float8_with_their_own_scales():
 def test_norm_and_silu_hand_a_float8_layer_what_quantizing_their_output_gives(residual):
     """add+RMSNorm and SiLU-and-mul with `quant` write float8 rows and scales: exactly their own output
     quantized row by row (models/llama.py hands them to a float8 layer instead of quantizing again)."""
-    from services.engine.layers.quant import quantize_rows   # noqa: PLC0415
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(5, 96, generator=g), torch.randn(96, generator=g)
     r = torch.randn(5, 96, generator=g) if residual else None
-    want = quantize_rows(fused.add_rms_norm(x, None if r is None else r.clone(), w, 1e-6))
-    got = fused.add_rms_norm(x, r, w, 1e-6, quant=True)
-    assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
     gate_up = torch.randn(5, 2 * 80, generator=g) * 3
-    want = quantize_rows(fused.silu_and_mul(gate_up))
-    assert all(torch.equal(a.float(), b.float()) for a, b in zip(fused.silu_and_mul(gate_up, quant=True), want))
+    check_norm_and_silu_quantize_their_output(x, r, w, 1e-6, gate_up)
 
 
 def test_a_float8_layer_keeps_a_scale_per_output_channel():
